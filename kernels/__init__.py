@@ -1,0 +1,29 @@
+"""Fused ops in Triton, each with a PyTorch reference; CUDA tensors get the kernel.
+
+``kernels`` imports torch and triton only. Every public op takes ``backend=None`` (automatic),
+``"triton"`` or ``"torch"``; see :mod:`kernels._backend`.
+"""
+
+from kernels._backend import get_backend, set_backend, use_triton
+from kernels.attention import attention, attention_reference
+from kernels.cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
+from kernels.rms_norm import rms_norm, rms_norm_reference
+from kernels.rope import apply_rope, apply_rope_reference, rope_cos_sin
+from kernels.swiglu import swiglu, swiglu_reference
+
+__all__ = [
+    "apply_rope",
+    "apply_rope_reference",
+    "attention",
+    "attention_reference",
+    "get_backend",
+    "linear_cross_entropy",
+    "linear_cross_entropy_reference",
+    "rms_norm",
+    "rms_norm_reference",
+    "rope_cos_sin",
+    "set_backend",
+    "swiglu",
+    "swiglu_reference",
+    "use_triton",
+]

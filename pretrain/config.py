@@ -1,0 +1,346 @@
+"""Typed run configuration: dataclass sections, loaded from TOML, overridden from the command line.
+
+A config is a tree of two levels: sections (``model``, ``data``, ``train``, ...) holding typed keys.
+The TOML file gives values for some keys, ``--section.key value`` overrides them, and everything
+else keeps the default written here. Every mistake (an unknown section or key, a value of the
+wrong type, a missing file) raises :class:`ConfigError` naming the key, so that the command line
+can print one line instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from pretrain.errors import UserError
+
+
+class ConfigError(UserError):
+    """A config file or override that cannot be applied."""
+
+
+@dataclass
+class ModelConfig:
+    """Shape of the decoder-only transformer (Llama family)."""
+
+    vocab_size: int = 8192
+    n_layers: int = 4
+    d_model: int = 256
+    n_heads: int = 8
+    n_kv_heads: int = 4
+    ffn_hidden: int = 0  # 0: the Llama rule, 8/3 * d_model rounded up to ffn_multiple_of
+    ffn_multiple_of: int = 64
+    max_seq_len: int = 256
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+    doc_mask: bool = False  # packed sequences attend only within their own document
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def ffn_dim(self) -> int:
+        if self.ffn_hidden > 0:
+            return self.ffn_hidden
+        hidden = int(8 * self.d_model / 3)
+        m = self.ffn_multiple_of
+        return m * ((hidden + m - 1) // m)
+
+    def validate(self) -> None:
+        if self.d_model % self.n_heads:
+            raise ConfigError(
+                f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}"
+            )
+        if self.n_heads % self.n_kv_heads:
+            raise ConfigError(
+                f"model.n_heads={self.n_heads} is not divisible by model.n_kv_heads="
+                f"{self.n_kv_heads}: grouped-query attention needs whole groups"
+            )
+        if self.head_dim % 2:
+            raise ConfigError(f"head dim d_model/n_heads={self.head_dim} must be even for RoPE")
+        for name in ("vocab_size", "n_layers", "d_model", "n_heads", "n_kv_heads", "max_seq_len"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"model.{name} must be at least 1, got {getattr(self, name)}")
+
+
+@dataclass
+class DataConfig:
+    """Where the tokenized shards are and how they are cut into training sequences."""
+
+    path: str = "data/stdlib"
+    seq_len: int = 256
+    num_workers: int = 0
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation loop: steps, batch sizes, learning rate schedule, precision."""
+
+    steps: int = 1000
+    global_batch_size: int = 16  # sequences per optimizer step, over all ranks
+    micro_batch_size: int = 8  # sequences per forward pass per rank; accumulation follows
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 50
+    schedule: str = "cosine"  # cosine | linear | wsd | constant
+    decay_fraction: float = 0.2  # wsd: fraction of steps spent decaying
+    grad_clip: float = 1.0
+    seed: int = 1337
+    device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
+    compile: bool = False
+    kernels: str = "auto"  # auto (Triton on CUDA, PyTorch reference on CPU) | triton | torch
+    activation_checkpointing: str = "none"  # none | full | selective
+    skip_spikes: bool = False  # skip a step whose loss is an outlier (counted and logged)
+    spike_threshold: float = 6.0  # z-score of the loss against its running statistics
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW settings; ``name = adamw`` is the project's fused kernel on CUDA, ``torch`` forces PyTorch's."""
+
+    name: str = "adamw"  # adamw | torch
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+
+
+@dataclass
+class EvalConfig:
+    every: int = 100  # steps between evaluations on the val split (0: never)
+    batches: int = 8  # batches of global_batch_size sequences per evaluation
+
+
+@dataclass
+class LoggingConfig:
+    every: int = 10  # steps between metric lines
+    wandb: bool = False
+    wandb_project: str = "pretrain"
+    wandb_run_name: str = ""
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 500  # steps between checkpoints (0: only at the end)
+    keep_last: int = 3
+    keep_steps: list[int] = field(default_factory=list)  # steps never deleted
+    resume: str = ""  # "" | auto | a checkpoint path
+    init_from: str = ""  # weights only, from a checkpoint or an export
+    async_save: bool = False
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+
+def _sections(config_cls: type = Config) -> dict[str, type]:
+    hints = typing.get_type_hints(config_cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(config_cls)}
+
+
+def _keys(section_cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(section_cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(section_cls)}
+
+
+def all_keys(config_cls: type = Config) -> list[str]:
+    """Every valid ``section.key``, in declaration order."""
+    return [f"{s}.{k}" for s, cls in _sections(config_cls).items() for k in _keys(cls)]
+
+
+def _suggest(name: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(name, choices, n=1, cutoff=0.6)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is list:
+        return f"list of {typing.get_args(tp)[0].__name__}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Convert a TOML value or a command-line string to the declared type of ``key``."""
+    origin = typing.get_origin(tp)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if isinstance(value, str):
+            value = [v for v in (s.strip() for s in value.strip("[]").split(",")) if v]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+        return [_coerce(key, v, item_tp) for v in value]
+    if origin in (typing.Union, types.UnionType):
+        raise TypeError(f"config fields must have plain types, not {tp}")
+    try:
+        if tp is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
+                return True
+            if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
+                return False
+            raise ValueError
+        if tp is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            if isinstance(value, str):
+                value = value.replace("_", "")
+                as_float = float(value)
+                if not as_float.is_integer():
+                    raise ValueError
+                return int(as_float) if ("e" in value.lower() or "." in value) else int(value)
+            return int(value)
+        if tp is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if tp is str:
+            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+                raise ValueError
+            return str(value)
+    except (ValueError, TypeError):
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}") from None
+    raise TypeError(f"unsupported config type {tp} for {key}")
+
+
+def _apply(config: Any, key: str, value: Any) -> None:
+    """Set ``section.key`` on ``config`` after checking that it exists and coercing the value."""
+    sections = _sections(type(config))
+    if "." not in key:
+        raise ConfigError(
+            f"unknown config key '{key}': keys are written section.key{_suggest(key, all_keys(type(config)))}"
+        )
+    section, name = key.split(".", 1)
+    if section not in sections:
+        raise ConfigError(
+            f"unknown config section '{section}' in '{key}'{_suggest(key, all_keys(type(config)))}"
+        )
+    keys = _keys(sections[section])
+    if name not in keys:
+        raise ConfigError(
+            f"unknown config key '{key}'{_suggest(key, [f'{section}.{k}' for k in keys] + all_keys(type(config)))}"
+        )
+    setattr(getattr(config, section), name, _coerce(key, value, keys[name]))
+
+
+def parse_overrides(args: list[str]) -> list[tuple[str, str]]:
+    """Turn ``['--train.lr', '3e-4', '--model.n_layers=2']`` into ``[(key, value), ...]``."""
+    pairs: list[tuple[str, str]] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or len(arg) == 2:
+            raise ConfigError(
+                f"unexpected argument '{arg}': overrides are written --section.key value"
+            )
+        body = arg[2:]
+        if "=" in body:
+            key, value = body.split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(args):
+                raise ConfigError(f"override '{arg}' has no value")
+            key, value = body, args[i + 1]
+            i += 2
+        pairs.append((key, value))
+    return pairs
+
+
+def load_config(
+    path: str | os.PathLike | None = None,
+    overrides: list[str] | list[tuple[str, str]] | None = None,
+    config_cls: type = Config,
+) -> Any:
+    """Build a config: defaults, then the TOML file at ``path``, then command-line overrides."""
+    config = config_cls()
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            data = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {p} is not valid TOML: {e}") from None
+        for section, values in data.items():
+            if not isinstance(values, dict):
+                raise ConfigError(
+                    f"{p}: top-level key '{section}' must be a [section]"
+                    f"{_suggest(section, list(_sections(config_cls)))}"
+                )
+            for name, value in values.items():
+                _apply(config, f"{section}.{name}", value)
+    pairs = overrides or []
+    if pairs and isinstance(pairs[0], str):
+        pairs = parse_overrides(pairs)  # type: ignore[arg-type]
+    for key, value in pairs:
+        _apply(config, key, value)
+    if hasattr(config, "model"):
+        config.model.validate()
+    return config
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def config_to_toml(config: Any) -> str:
+    """The resolved config as TOML text that :func:`load_config` reads back to an equal config."""
+    lines: list[str] = []
+    for section, values in dataclasses.asdict(config).items():
+        lines.append(f"[{section}]")
+        lines.extend(f"{k} = {_toml_value(v)}" for k, v in values.items())
+        lines.append("")
+    return "\n".join(lines)
+
+
+def save_config(config: Any, path: str | os.PathLike) -> None:
+    """Write the resolved config atomically (temporary file, then rename)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(config_to_toml(config))
+    os.replace(tmp, path)
+
+
+def config_help(config: Any | None = None) -> str:
+    """One line per key with its type and default, for ``pretrain SUB --help``."""
+    config = config or Config()
+    rows = []
+    for section, values in dataclasses.asdict(config).items():
+        keys = _keys(type(getattr(config, section)))
+        for k, v in values.items():
+            rows.append(f"  --{section}.{k} ({_type_name(keys[k])}, default {_toml_value(v)})")
+    return "config keys (override any with --section.key VALUE):\n" + "\n".join(rows)
