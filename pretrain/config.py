@@ -146,6 +146,18 @@ class CheckpointConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """Supervised fine-tuning (``pretrain finetune``): the JSONL rows and how they become batches."""
+
+    data: str = ""  # JSONL of {"prompt", "completion"} or {"messages": [...]} rows
+    val_data: str = ""  # a JSONL of validation rows; empty: hold out val_fraction of data
+    val_fraction: float = 0.05
+    epochs: int = 0  # > 0: train.steps follows from the data (epochs over it)
+    packing: bool = True  # several conversations per row, attention kept within each
+    skip_bad_rows: bool = False  # skip and count malformed rows instead of stopping
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -154,6 +166,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)
