@@ -1,0 +1,720 @@
+"""The training loop: ``pretrain train`` and ``torchrun -m pretrain.train``.
+
+One process or many (torchrun, one process per device, any number of nodes) run the same code:
+the process group comes from torchrun's environment, :func:`pretrain.parallel.parallelize`
+applies FSDP2, mixed precision, activation checkpointing and torch.compile from outside the
+model, and every rank reads its own share of each global batch.
+
+The loss of a step is the mean over the target tokens (targets != -100) of the *whole global
+batch*: each micro-batch's summed loss is divided by the global token count, so gradient
+accumulation and the number of ranks change neither the loss nor the gradient.
+
+Reuse (fine-tuning calls the same loop with its own data)::
+
+    train(config, out_dir, *, make_train_loader=None, make_val_loader=None,
+          bytes_per_token=None, tokenizer_path=None) -> TrainResult
+
+- ``config``: a :class:`pretrain.config.Config` (or a subclass with extra sections); only the
+  ``model``, ``data.seq_len``, ``train``, ``optimizer``, ``eval``, ``logging`` and ``checkpoint``
+  sections are read here.
+- ``make_train_loader(rank, world_size)`` / ``make_val_loader(rank, world_size)``: build a loader
+  whose ``next()`` returns a batch with ``inputs`` and ``targets`` (int64, ``(G // world_size,
+  T)`` rows of the global batch of ``G = train.global_batch_size`` sequences; targets -100 where
+  no loss is wanted) and ``doc_ids`` (or None), with ``state_dict()``/``load_state_dict()``. The
+  val factory is called afresh for every evaluation, so each one sees the same batches. Both
+  default to :class:`pretrain.data.TokenLoader` over ``data.path``.
+- ``bytes_per_token``: UTF-8 bytes per token of the val split, for bits per byte (default: from
+  the data manifest; None disables bpb).
+- ``tokenizer_path``: the ``tokenizer.json`` copied into every checkpoint (default: the data's).
+
+Checkpoints, resume and weight initialisation follow ``config.checkpoint`` (see
+:mod:`pretrain.checkpoint`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pretrain.config import (
+    ConfigError,
+    config_help,
+    config_to_toml,
+    load_config,
+    parse_overrides,
+    save_config,
+)
+from pretrain.errors import UserError
+from pretrain.metrics import MetricsLogger, mfu, peak_flops, peak_memory_gb
+from pretrain.parallel import (
+    DistInfo,
+    all_reduce_sum,
+    barrier,
+    destroy_distributed,
+    init_distributed,
+    parallelize,
+    resolve_device,
+)
+
+ACCEPTS_OVERRIDES = True
+SCHEDULES = ("cosine", "linear", "wsd", "constant")
+
+LoaderFactory = Callable[[int, int], Any]
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config", default=None, help="TOML config file (default: built-in defaults)"
+    )
+    parser.add_argument("--data", default=None, help="prepared data directory (sets data.path)")
+    parser.add_argument(
+        "--out", default=None, help="run directory (default: runs/<config file name>)"
+    )
+    parser.epilog = config_help()
+
+
+def run(args: argparse.Namespace) -> int:
+    overrides = parse_overrides(list(args.overrides or []))
+    if args.data is not None:
+        overrides.append(("data.path", args.data))
+    config = load_config(args.config, overrides)
+    out = args.out or str(Path("runs") / (Path(args.config).stem if args.config else "default"))
+    train(config, out)
+    return 0
+
+
+# --------------------------------------------------------------------------- schedule
+
+
+def lr_at(step: int, cfg) -> float:
+    """Learning rate for optimizer step ``step`` (0-based): linear warmup, then the schedule.
+
+    ``cosine`` and ``linear`` decay from ``lr`` to ``lr * min_lr_ratio`` at the last step;
+    ``wsd`` (warmup-stable-decay) holds ``lr`` and decays linearly over the final
+    ``decay_fraction`` of the steps; ``constant`` holds it.
+    """
+    peak, floor = cfg.lr, cfg.lr * cfg.min_lr_ratio
+    if step < cfg.warmup_steps:
+        return peak * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return peak
+    if cfg.schedule == "wsd":
+        decay_steps = max(1, round(cfg.decay_fraction * cfg.steps))
+        decay_start = max(cfg.warmup_steps, cfg.steps - decay_steps)
+        if step < decay_start:
+            return peak
+        progress = min(1.0, (step - decay_start + 1) / max(1, cfg.steps - decay_start))
+        return peak + (floor - peak) * progress
+    span = max(1, cfg.steps - cfg.warmup_steps - 1)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    if cfg.schedule == "linear":
+        return peak + (floor - peak) * progress
+    return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+# --------------------------------------------------------------------------- optimizer
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Two AdamW groups: decay on matrices, none on norms, other 1-D parameters and embeddings."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.dim() < 2 or "embed_tokens" in name:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(model: torch.nn.Module, config, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW: the project's fused kernel for ``adamw`` on CUDA (when built), else PyTorch's."""
+    opt = config.optimizer
+    groups = param_groups(model, opt.weight_decay)
+    kwargs = dict(lr=config.train.lr, betas=(opt.beta1, opt.beta2), eps=opt.eps)
+    if opt.name == "adamw" and device.type == "cuda":
+        import kernels
+
+        kernel_adamw = getattr(kernels, "AdamW", None)
+        if kernel_adamw is not None:
+            return kernel_adamw(groups, **kwargs)
+    if device.type == "cuda":
+        kwargs["fused"] = True
+    return torch.optim.AdamW(groups, **kwargs)
+
+
+def apply_hyperparameters(optimizer: torch.optim.Optimizer, config) -> None:
+    """Make the optimizer follow the config (after a resume restored the old param groups)."""
+    opt = config.optimizer
+    for group, wd in zip(optimizer.param_groups, (opt.weight_decay, 0.0)):
+        group["weight_decay"] = wd
+        group["betas"] = (opt.beta1, opt.beta2)
+        group["eps"] = opt.eps
+
+
+# --------------------------------------------------------------------------- the step
+
+
+@dataclass
+class StepStats:
+    loss: float  # mean over the target tokens of the global batch
+    grad_norm: float
+    tokens: int  # target tokens in the global batch
+    skipped: bool = False
+
+
+class SpikeDetector:
+    """Flags a loss that sits ``threshold`` standard deviations above its running mean.
+
+    Mean and variance are exponential moving averages of the accepted losses; nothing is flagged
+    until ``warmup`` losses were seen. Its state goes into checkpoints so a resume decides alike.
+    """
+
+    def __init__(self, threshold: float, warmup: int = 20, beta: float = 0.95):
+        self.threshold, self.warmup, self.beta = threshold, warmup, beta
+        self.count, self.mean, self.var = 0, 0.0, 0.0
+
+    def is_spike(self, loss: float) -> bool:
+        if self.count < self.warmup:
+            return False
+        return (loss - self.mean) / math.sqrt(self.var + 1e-12) > self.threshold
+
+    def update(self, loss: float) -> None:
+        if self.count == 0:
+            self.mean = loss
+        delta = loss - self.mean
+        self.mean += (1 - self.beta) * delta
+        self.var = self.beta * (self.var + (1 - self.beta) * delta * delta)
+        self.count += 1
+
+    def state_dict(self) -> dict:
+        return {"count": self.count, "mean": self.mean, "var": self.var}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.count, self.mean, self.var = state["count"], state["mean"], state["var"]
+
+
+def _total_grad_norm(model: torch.nn.Module, max_norm: float) -> float:
+    """Clip gradients to ``max_norm`` (0: no clipping) and return their norm before clipping.
+
+    With FSDP2 the gradients are DTensor shards and ``clip_grad_norm_`` reduces the norm over
+    all ranks itself; the result is a replicated DTensor.
+    """
+    norm = torch.nn.utils.clip_grad_norm_(
+        model.parameters(), max_norm if max_norm > 0 else float("inf")
+    )
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+def forward_backward(
+    model: torch.nn.Module,
+    batch,
+    *,
+    micro_batch_size: int,
+    world_size: int,
+    device: torch.device,
+    autocast: Callable[[], contextlib.AbstractContextManager],
+) -> tuple[float, int]:
+    """Accumulate the gradient of this rank's share of a global batch; return (loss, tokens).
+
+    Each micro-batch contributes ``sum of its token losses / global token count``; FSDP
+    averages gradients over ranks, hence the factor ``world_size``.
+    """
+    inputs = batch.inputs.to(device, non_blocking=True)
+    targets = batch.targets.to(device, non_blocking=True)
+    doc_ids = batch.doc_ids.to(device, non_blocking=True) if batch.doc_ids is not None else None
+    local_tokens = int((targets != -100).sum())
+    (global_tokens,) = all_reduce_sum([local_tokens], device)
+    if global_tokens == 0:
+        raise UserError("a training batch has no target tokens (every target is -100)")
+    scale = world_size / global_tokens
+    loss_sum = torch.zeros((), device=device, dtype=torch.float32)
+    for start in range(0, inputs.shape[0], micro_batch_size):
+        rows = slice(start, start + micro_batch_size)
+        with autocast():
+            loss = model(
+                inputs[rows],
+                targets[rows],
+                doc_ids=doc_ids[rows] if doc_ids is not None else None,
+                reduction="sum",
+            )
+        (loss * scale).backward()
+        loss_sum += loss.detach().float()
+    (total,) = all_reduce_sum([loss_sum.item()], device)
+    return total / global_tokens, int(global_tokens)
+
+
+def train_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batch,
+    *,
+    step: int,
+    lr: float,
+    micro_batch_size: int,
+    world_size: int,
+    grad_clip: float,
+    device: torch.device,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    spikes: SpikeDetector | None = None,
+) -> StepStats:
+    """One optimizer step on one global batch; a non-finite loss stops before the update."""
+    loss, tokens = forward_backward(
+        model,
+        batch,
+        micro_batch_size=micro_batch_size,
+        world_size=world_size,
+        device=device,
+        autocast=autocast,
+    )
+    grad_norm = _total_grad_norm(model, grad_clip)
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        optimizer.zero_grad(set_to_none=True)
+        raise UserError(
+            f"training diverged at step {step}: loss {loss}, grad norm {grad_norm}; stopped "
+            "before the update, earlier checkpoints are intact. Lower train.lr, raise "
+            "train.warmup_steps or set train.grad_clip"
+        )
+    if spikes is not None and spikes.is_spike(loss):
+        optimizer.zero_grad(set_to_none=True)
+        return StepStats(loss=loss, grad_norm=grad_norm, tokens=tokens, skipped=True)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if spikes is not None:
+        spikes.update(loss)
+    return StepStats(loss=loss, grad_norm=grad_norm, tokens=tokens)
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module,
+    loader,
+    *,
+    batches: int,
+    micro_batch_size: int,
+    device: torch.device,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> float:
+    """Mean loss per target token over ``batches`` global batches (all ranks together)."""
+    model.eval()
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    tokens = 0
+    for _ in range(batches):
+        batch = next(loader)
+        inputs, targets = batch.inputs.to(device), batch.targets.to(device)
+        doc_ids = batch.doc_ids.to(device) if batch.doc_ids is not None else None
+        for start in range(0, inputs.shape[0], micro_batch_size):
+            rows = slice(start, start + micro_batch_size)
+            with autocast():
+                loss = model(
+                    inputs[rows],
+                    targets[rows],
+                    doc_ids=doc_ids[rows] if doc_ids is not None else None,
+                    reduction="sum",
+                )
+            loss_sum += loss.double()
+        tokens += int((targets != -100).sum())
+    model.train()
+    total, count = all_reduce_sum([loss_sum.item(), tokens], device)
+    return total / max(count, 1)
+
+
+# --------------------------------------------------------------------------- setup
+
+
+def check_config(config, world_size: int) -> int:
+    """Validate what the trainer needs beyond the model; return gradient accumulation steps."""
+    t = config.train
+    if config.data.seq_len > config.model.max_seq_len:
+        raise ConfigError(
+            f"data.seq_len={config.data.seq_len} is longer than model.max_seq_len="
+            f"{config.model.max_seq_len}; lower data.seq_len or raise model.max_seq_len"
+        )
+    if t.schedule not in SCHEDULES:
+        raise ConfigError(
+            f"train.schedule must be one of {', '.join(SCHEDULES)}, got {t.schedule!r}"
+        )
+    if config.optimizer.name not in ("adamw", "torch"):
+        raise ConfigError(f"optimizer.name must be adamw or torch, got {config.optimizer.name!r}")
+    if t.dtype not in ("auto", "fp32", "bf16"):
+        raise ConfigError(f"train.dtype must be auto, fp32 or bf16, got {t.dtype!r}")
+    if t.kernels not in ("auto", "triton", "torch"):
+        raise ConfigError(f"train.kernels must be auto, triton or torch, got {t.kernels!r}")
+    if t.steps < 1 or t.micro_batch_size < 1 or t.global_batch_size < 1:
+        raise ConfigError(
+            "train.steps, train.micro_batch_size and train.global_batch_size must be >= 1"
+        )
+    per_pass = t.micro_batch_size * world_size
+    if t.global_batch_size % per_pass:
+        raise ConfigError(
+            f"train.global_batch_size={t.global_batch_size} is not divisible by "
+            f"train.micro_batch_size x world size = {t.micro_batch_size} x {world_size} = "
+            f"{per_pass}; the global batch must be a whole number of micro-batches per rank"
+        )
+    return t.global_batch_size // per_pass
+
+
+def _param_dtype(config, device: torch.device) -> torch.dtype:
+    dtype = config.train.dtype
+    if dtype == "auto":
+        dtype = "bf16" if device.type == "cuda" else "fp32"
+    return torch.bfloat16 if dtype == "bf16" else torch.float32
+
+
+def _data_loaders(config, dist_info: DistInfo):
+    """TokenLoader factories over ``data.path``, after checking the data against the model."""
+    from pretrain.data import TokenLoader, load_manifest
+
+    data_dir = Path(config.data.path)
+    if not data_dir.is_dir():
+        raise UserError(
+            f"data directory not found: {data_dir}; prepare one with `pretrain prepare` "
+            "or point --data at a prepared directory"
+        )
+    manifest = load_manifest(data_dir)
+    if manifest.vocab_size != config.model.vocab_size:
+        raise UserError(
+            f"{data_dir} was prepared with a vocabulary of {manifest.vocab_size} tokens but "
+            f"model.vocab_size is {config.model.vocab_size}; set --model.vocab_size "
+            f"{manifest.vocab_size} or prepare the data with that vocabulary size"
+        )
+
+    def make(split: str) -> LoaderFactory:
+        def factory(rank: int, world_size: int):
+            return TokenLoader(
+                data_dir,
+                split=split,
+                seq_len=config.data.seq_len,
+                batch_size=config.train.global_batch_size,
+                rank=rank,
+                world_size=world_size,
+                seed=config.train.seed,
+                num_workers=config.data.num_workers,
+                return_doc_ids=config.model.doc_mask,
+            )
+
+        return factory
+
+    val_tokens, val_bytes = manifest.num_tokens("val"), manifest.num_bytes("val")
+    bytes_per_token = val_bytes / val_tokens if val_tokens and val_bytes else None
+    make_val = make("val") if val_tokens else None
+    return make("train"), make_val, bytes_per_token, Path(manifest.tokenizer_path)
+
+
+class Preemption:
+    """Remembers a SIGTERM/SIGUSR1 so the loop can finish its step, save and exit cleanly."""
+
+    SIGNALS = ("SIGTERM", "SIGUSR1")
+
+    def __init__(self):
+        self.signal_name: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> Preemption:
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for name in self.SIGNALS:
+                sig = getattr(signal, name, None)
+                if sig is not None:
+                    self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.signal_name = signal.Signals(signum).name
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    step: int  # last completed optimizer step
+    loss: float | None  # training loss of the last step
+    val_loss: float | None
+    val_bpb: float | None
+    checkpoint: Path | None  # the checkpoint written last
+    preempted: bool = False
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def train(
+    config,
+    out_dir: str | Path,
+    *,
+    make_train_loader: LoaderFactory | None = None,
+    make_val_loader: LoaderFactory | None = None,
+    bytes_per_token: float | None = None,
+    tokenizer_path: str | Path | None = None,
+) -> TrainResult:
+    """Train ``config.model`` and write the run (config, metrics, checkpoints) to ``out_dir``."""
+    device_type = resolve_device(config.train.device)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    check_config(config, world_size)
+    dist_info = init_distributed(device_type)
+    try:
+        return _train(
+            config,
+            Path(out_dir),
+            dist_info,
+            make_train_loader=make_train_loader,
+            make_val_loader=make_val_loader,
+            bytes_per_token=bytes_per_token,
+            tokenizer_path=tokenizer_path,
+        )
+    finally:
+        destroy_distributed()
+
+
+def _train(
+    config,
+    out_dir: Path,
+    dist_info: DistInfo,
+    *,
+    make_train_loader,
+    make_val_loader,
+    bytes_per_token,
+    tokenizer_path,
+) -> TrainResult:
+    import kernels
+    from pretrain import checkpoint as ckpt
+    from pretrain.model import Transformer
+
+    t = config.train
+    device, world, rank = dist_info.device, dist_info.world_size, dist_info.rank
+    accum = check_config(config, world)
+    if make_train_loader is None:
+        default_train, default_val, default_bpt, default_tok = _data_loaders(config, dist_info)
+        make_train_loader = default_train
+        make_val_loader = make_val_loader or default_val
+        bytes_per_token = bytes_per_token if bytes_per_token is not None else default_bpt
+        tokenizer_path = tokenizer_path or default_tok
+    kernels.set_backend(t.kernels)
+
+    checkpointer = ckpt.Checkpointer(
+        out_dir, dist_info=dist_info, config=config, tokenizer_path=tokenizer_path
+    )
+    resume_from = checkpointer.resolve_resume(config.checkpoint.resume)
+    if resume_from is None and checkpointer.has_checkpoints():
+        raise UserError(
+            f"{out_dir} already holds checkpoints of an earlier run; continue it with "
+            "--checkpoint.resume auto, or choose another --out"
+        )
+
+    seed_everything(t.seed)
+    model = Transformer(config.model)
+    flops_per_token = model.flops_per_token(config.data.seq_len)
+    n_params = model.num_params()
+    param_dtype = _param_dtype(config, device)
+    model = parallelize(
+        model,
+        dist_info,
+        param_dtype=param_dtype,
+        activation_checkpointing=t.activation_checkpointing,
+        compile=t.compile,
+    )
+    model.to(device)
+    model.train()
+    use_autocast = param_dtype != torch.float32 and not (world > 1 or device.type == "cuda")
+
+    def autocast():
+        if use_autocast:
+            return torch.autocast(device.type, dtype=param_dtype)
+        return contextlib.nullcontext()
+
+    optimizer = build_optimizer(model, config, device)
+    train_loader = make_train_loader(rank, world)
+    spikes = SpikeDetector(t.spike_threshold) if t.skip_spikes else None
+
+    step, tokens_seen, skipped = 0, 0, 0
+    if resume_from is not None:
+        state = checkpointer.load(resume_from, model, optimizer)
+        apply_hyperparameters(optimizer, config)
+        step, tokens_seen, skipped = state["step"], state["tokens_seen"], state["skipped"]
+        train_loader.load_state_dict(checkpointer.loader_state_for_rank(state))
+        checkpointer.restore_rng(state)
+        if spikes is not None and state.get("spikes"):
+            spikes.load_state_dict(state["spikes"])
+    elif config.checkpoint.init_from:
+        ckpt.load_weights(config.checkpoint.init_from, model)
+
+    log = MetricsLogger(
+        out_dir,
+        enabled=dist_info.is_main,
+        total_steps=t.steps,
+        start_step=step,
+        wandb_config=config.to_dict() if config.logging.wandb else None,
+    )
+    if dist_info.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, out_dir / "config.toml")
+        log.print("resolved config:\n" + config_to_toml(config).rstrip())
+        how = f"resuming from {resume_from}" if resume_from else "starting fresh"
+        log.print(
+            f"model: {n_params / 1e6:.2f}M parameters | world size {world} | device "
+            f"{device.type} | {param_dtype} | grad accumulation {accum} | {how} at step {step}"
+        )
+
+    def trainer_state() -> dict:
+        return {
+            "step": step,
+            "tokens_seen": tokens_seen,
+            "skipped": skipped,
+            "lr": lr_at(max(step - 1, 0), t),
+            "schedule": t.schedule,
+            "spikes": spikes.state_dict() if spikes is not None else None,
+            "loader": train_loader.state_dict(),
+        }
+
+    peak = peak_flops(device)
+    val_loss = val_bpb = None
+    last: StepStats | None = None
+    last_saved: Path | None = None
+
+    def run_eval() -> None:
+        nonlocal val_loss, val_bpb
+        if make_val_loader is None or config.eval.every <= 0:
+            return
+        val_loss = evaluate(
+            model,
+            make_val_loader(rank, world),
+            batches=config.eval.batches,
+            micro_batch_size=t.micro_batch_size,
+            device=device,
+            autocast=autocast,
+        )
+        val_bpb = val_loss / math.log(2) / bytes_per_token if bytes_per_token else None
+        log.log("eval", step, {"val_loss": val_loss, "val_bpb": val_bpb})
+
+    stop_at = t.steps if t.stop_at <= 0 else min(t.steps, t.stop_at)
+    preempted = False
+    if step == 0:
+        run_eval()
+    window_start, window_tokens = time.perf_counter(), 0
+    with Preemption() as preemption:
+        while step < stop_at:
+            lr = lr_at(step, t)
+            last = train_step(
+                model,
+                optimizer,
+                next(train_loader),
+                step=step + 1,
+                lr=lr,
+                micro_batch_size=t.micro_batch_size,
+                world_size=world,
+                grad_clip=t.grad_clip,
+                device=device,
+                autocast=autocast,
+                spikes=spikes,
+            )
+            step += 1
+            tokens_seen += last.tokens
+            window_tokens += last.tokens
+            log.advance()
+            if last.skipped:
+                skipped += 1
+                log.print(
+                    f"step {step}: loss {last.loss:.4f} is a spike; update skipped ({skipped} so far)"
+                )
+            if step % max(config.logging.every, 1) == 0 or step == stop_at:
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                elapsed = time.perf_counter() - window_start
+                tps = window_tokens / elapsed if elapsed > 0 else 0.0
+                log.log(
+                    "train",
+                    step,
+                    {
+                        "loss": last.loss,
+                        "lr": lr,
+                        "grad_norm": last.grad_norm,
+                        "tokens_per_s": tps,
+                        "mfu": mfu(flops_per_token, tps, world, peak),
+                        "peak_mem_gb": peak_memory_gb(device),
+                        "tokens": tokens_seen,
+                        "skipped": skipped,
+                    },
+                )
+                window_start, window_tokens = time.perf_counter(), 0
+            if config.eval.every > 0 and (step % config.eval.every == 0 or step == t.steps):
+                run_eval()
+            (signalled,) = all_reduce_sum([1.0 if preemption.signal_name else 0.0], device)
+            due = config.checkpoint.every > 0 and step % config.checkpoint.every == 0
+            if signalled or due or step == stop_at:
+                last_saved = checkpointer.save(step, model, optimizer, trainer_state())
+            if signalled:
+                preempted = True
+                log.print(
+                    f"preempted by {preemption.signal_name or 'a signal on another rank'}: "
+                    f"saved {last_saved} at step {step}; rerun with --checkpoint.resume auto "
+                    "to continue"
+                )
+                break
+    checkpointer.finish()
+    barrier()
+    if dist_info.is_main and not preempted:
+        summary = f"done: step {step}/{t.steps}"
+        if last is not None:
+            summary += f" | loss {last.loss:.4f}"
+        if val_loss is not None:
+            summary += f" | val_loss {val_loss:.4f}"
+        if val_bpb is not None:
+            summary += f" | val_bpb {val_bpb:.4f}"
+        log.print(summary + f" | {out_dir}")
+    log.close()
+    return TrainResult(
+        out_dir=out_dir,
+        step=step,
+        loss=last.loss if last else None,
+        val_loss=val_loss,
+        val_bpb=val_bpb,
+        checkpoint=last_saved,
+        preempted=preempted,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``torchrun -m pretrain.train ...`` enters here: the ``pretrain train`` command."""
+    from pretrain.cli import main as cli_main
+
+    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
