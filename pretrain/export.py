@@ -1,0 +1,659 @@
+"""Freeze a training checkpoint into a Hugging Face Llama directory, and read one back safely.
+
+``pretrain export runs/NAME --out models/NAME`` keeps the model weights of a checkpoint (however
+many ranks wrote it) and writes the layout that transformers, and servers built on it, load as a
+``LlamaForCausalLM``::
+
+    config.json                   architecture and shapes (LlamaConfig fields)
+    generation_config.json        bos/eos/pad token ids
+    model.safetensors             weights under Llama's names (or model-0000i-of-0000n.safetensors
+                                  shards and model.safetensors.index.json)
+    tokenizer.json                the training tokenizer
+    tokenizer_config.json         special tokens and the chat template
+    checksums.sha256              SHA-256 of every file above (``sha256sum -c`` reads it)
+
+Our parameter names are Llama's without the ``model.`` prefix and our RoPE has Llama's half-split
+layout, so the weights are renamed, never permuted. The directory is written under a temporary
+name and renamed when complete. Reading goes through safetensors and JSON only (no pickle), and
+:func:`load_export` refuses files whose checksums disagree, naming them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import shutil
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+from pretrain.config import ModelConfig, load_config
+from pretrain.errors import UserError
+from pretrain.tokenizer import CHAT_TEMPLATE, END_OF_TURN, EOS_TOKEN, load_tokenizer
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+CHECKSUMS = "checksums.sha256"
+WEIGHTS = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"
+CONFIG = "config.json"
+GENERATION_CONFIG = "generation_config.json"
+TOKENIZER = "tokenizer.json"
+TOKENIZER_CONFIG = "tokenizer_config.json"
+METADATA_FILES = (CONFIG, GENERATION_CONFIG, TOKENIZER, TOKENIZER_CONFIG)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+HF_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+DEFAULT_MAX_SHARD_SIZE = "2GB"
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """The step directory meant by ``path`` (a step dir, a run's ``checkpoints/`` or the run dir,
+    the last two through ``latest``), after checking that it holds what an export needs."""
+    from pretrain.checkpoint import find_checkpoint
+
+    step_dir = find_checkpoint(path)
+    missing = [name for name in ("config.toml", TOKENIZER) if not (step_dir / name).is_file()]
+    if missing:
+        raise UserError(f"checkpoint {step_dir} is incomplete: missing {', '.join(missing)}")
+    return step_dir
+
+
+def read_checkpoint_config(step_dir: str | os.PathLike) -> ModelConfig:
+    """The ``[model]`` section of a checkpoint's resolved config (other sections are not needed)."""
+    path = Path(step_dir) / "config.toml"
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"{path} is not valid TOML: {e}") from None
+    model = data.get("model")
+    if not isinstance(model, dict):
+        raise UserError(f"{path} has no [model] section")
+    return load_config(None, [(f"model.{k}", v) for k, v in model.items()]).model
+
+
+def _meta_state_dict(cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """The model's state dict on the meta device: names and shapes without memory."""
+    from pretrain.model import Transformer
+
+    with torch.device("meta"):
+        return Transformer(cfg).state_dict()
+
+
+def load_checkpoint_weights(
+    step_dir: str | os.PathLike,
+) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """The model config and full (unsharded) model weights of a DCP checkpoint, in one process.
+
+    Only the ``model`` entries are read; any world size that wrote the checkpoint gives the same
+    tensors. A tied checkpoint may hold the shared matrix under one name or both.
+    """
+    import torch.distributed.checkpoint as dcp
+
+    step_dir = Path(step_dir)
+    cfg = read_checkpoint_config(step_dir)
+    try:
+        stored = dcp.FileSystemReader(str(step_dir)).read_metadata().state_dict_metadata
+    except Exception as e:
+        raise UserError(f"checkpoint {step_dir} has an unreadable .metadata file: {e}") from None
+    expected = _meta_state_dict(cfg)
+    if cfg.tie_embeddings and "model.lm_head.weight" not in stored:
+        expected.pop("lm_head.weight")
+    template: dict[str, torch.Tensor] = {}
+    problems = []
+    for name, meta in expected.items():
+        entry = stored.get(f"model.{name}")
+        if entry is None or not hasattr(entry, "size"):
+            problems.append(f"{name} is missing")
+        elif tuple(entry.size) != tuple(meta.shape):
+            problems.append(
+                f"{name} has shape {tuple(entry.size)}, config wants {tuple(meta.shape)}"
+            )
+        else:
+            template[name] = torch.empty(meta.shape, dtype=entry.properties.dtype)
+    if problems:
+        raise UserError(
+            f"checkpoint {step_dir} does not match its config.toml: {'; '.join(problems)}"
+        )
+    try:
+        with warnings.catch_warnings():  # "no process group: loading in one process" is intended
+            warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+            dcp.load({"model": template}, checkpoint_id=str(step_dir), no_dist=True)
+    except Exception as e:
+        raise UserError(f"checkpoint {step_dir} could not be read: {e}") from None
+    if cfg.tie_embeddings:
+        template["lm_head.weight"] = template["embed_tokens.weight"]
+    return cfg, template
+
+
+# --------------------------------------------------------------------------- config files
+
+
+def _special_token_ids(tokenizer) -> tuple[int, int | None]:
+    """(end-of-text id, end-of-turn id or None) of a ``tokenizers.Tokenizer``."""
+    eos = tokenizer.token_to_id(EOS_TOKEN)
+    if eos is None:
+        raise UserError(f"the tokenizer has no {EOS_TOKEN} token; train it with pretrain prepare")
+    return eos, tokenizer.token_to_id(END_OF_TURN)
+
+
+def hf_config(cfg: ModelConfig, dtype: torch.dtype, eos_id: int) -> dict:
+    """``config.json`` for transformers' ``LlamaConfig``.
+
+    Documents are separated by end-of-text only, so it also serves as the start token.
+    """
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model,
+        "intermediate_size": cfg.ffn_dim,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads,
+        "head_dim": cfg.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": cfg.max_seq_len,
+        "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "mlp_bias": False,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "initializer_range": cfg.init_std,
+        "bos_token_id": eos_id,
+        "eos_token_id": eos_id,
+        "torch_dtype": HF_DTYPE_NAMES[dtype],
+        "use_cache": True,
+    }
+
+
+_REQUIRED_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "hidden_size": int,
+    "intermediate_size": int,
+    "num_hidden_layers": int,
+    "num_attention_heads": int,
+    "num_key_value_heads": int,
+    "head_dim": int,
+    "rms_norm_eps": (int, float),
+    "rope_theta": (int, float),
+    "max_position_embeddings": int,
+    "vocab_size": int,
+    "tie_word_embeddings": bool,
+    "torch_dtype": str,
+}
+_FIXED_FIELDS = {
+    "model_type": "llama",
+    "hidden_act": "silu",
+    "attention_bias": False,
+    "mlp_bias": False,
+}
+
+
+def model_config_from_hf(config: dict, path: str | os.PathLike = CONFIG) -> ModelConfig:
+    """Our ``ModelConfig`` from a ``config.json`` dict; a missing or inconsistent field is named."""
+
+    def bad(field: str, why: str) -> UserError:
+        return UserError(f"{path}: field '{field}' {why}")
+
+    for field, tp in _REQUIRED_FIELDS.items():
+        if field not in config:
+            raise bad(field, "is missing")
+        value = config[field]
+        if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+            raise bad(field, f"has the wrong type: {value!r}")
+    for field, want in _FIXED_FIELDS.items():
+        if config.get(field) != want:
+            raise bad(field, f"is {config.get(field)!r}; this model needs {want!r}")
+    if "LlamaForCausalLM" not in (config.get("architectures") or []):
+        raise bad("architectures", f"is {config.get('architectures')!r}; expected LlamaForCausalLM")
+    if config.get("rope_scaling"):
+        raise bad("rope_scaling", "is set; scaled RoPE is not supported")
+    rope = config.get("rope_parameters") or {}
+    if rope.get("rope_type", "default") != "default":
+        raise bad(
+            "rope_parameters", f"has rope_type {rope['rope_type']!r}; only 'default' is supported"
+        )
+    if "rope_theta" in rope and rope["rope_theta"] != config["rope_theta"]:
+        raise bad(
+            "rope_theta", f"({config['rope_theta']}) disagrees with rope_parameters.rope_theta"
+        )
+    if config["torch_dtype"] not in HF_DTYPE_NAMES.values():
+        raise bad(
+            "torch_dtype",
+            f"is {config['torch_dtype']!r}; expected one of {sorted(HF_DTYPE_NAMES.values())}",
+        )
+    heads, hidden = config["num_attention_heads"], config["hidden_size"]
+    if heads < 1 or hidden % heads or config["head_dim"] != hidden // heads:
+        raise bad(
+            "head_dim",
+            f"is {config['head_dim']}; this model needs hidden_size / num_attention_heads",
+        )
+    cfg = ModelConfig(
+        vocab_size=config["vocab_size"],
+        n_layers=config["num_hidden_layers"],
+        d_model=hidden,
+        n_heads=heads,
+        n_kv_heads=config["num_key_value_heads"],
+        ffn_hidden=config["intermediate_size"],
+        max_seq_len=config["max_position_embeddings"],
+        rope_theta=float(config["rope_theta"]),
+        norm_eps=float(config["rms_norm_eps"]),
+        tie_embeddings=config["tie_word_embeddings"],
+        init_std=float(config.get("initializer_range", ModelConfig.init_std)),
+    )
+    try:
+        cfg.validate()
+    except UserError as e:
+        raise UserError(f"{path}: inconsistent fields: {e}") from None
+    return cfg
+
+
+def _generation_config(cfg: ModelConfig, eos_id: int, end_of_turn_id: int | None) -> dict:
+    """Stop at end of text, and at end of turn for chat models, as our server does."""
+    stop = [eos_id] if end_of_turn_id is None else [eos_id, end_of_turn_id]
+    return {
+        "bos_token_id": eos_id,
+        "eos_token_id": stop if len(stop) > 1 else eos_id,
+        "pad_token_id": eos_id,
+        "max_length": cfg.max_seq_len,
+    }
+
+
+def _tokenizer_config(cfg: ModelConfig) -> dict:
+    return {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": EOS_TOKEN,
+        "eos_token": EOS_TOKEN,
+        "pad_token": EOS_TOKEN,
+        "model_max_length": cfg.max_seq_len,
+        "chat_template": CHAT_TEMPLATE,
+        "clean_up_tokenization_spaces": False,
+    }
+
+
+# --------------------------------------------------------------------------- weights
+
+
+def to_hf_names(state_dict: dict[str, torch.Tensor], tied: bool) -> dict[str, torch.Tensor]:
+    """Our names -> Llama's: ``model.`` + ours, ``lm_head.weight`` as is (absent when tied)."""
+    out = {}
+    for name, tensor in state_dict.items():
+        if name.startswith("lm_head."):
+            if not tied:
+                out[name] = tensor
+        else:
+            out[f"model.{name}"] = tensor
+    return out
+
+
+def from_hf_names(tensors: dict[str, torch.Tensor], tied: bool) -> dict[str, torch.Tensor]:
+    """Llama's names -> ours; when tied, ``lm_head.weight`` is the embedding tensor itself."""
+    out = {name.removeprefix("model."): t for name, t in tensors.items()}
+    if tied:
+        out["lm_head.weight"] = out["embed_tokens.weight"]
+    return out
+
+
+def parse_size(text: str) -> int:
+    """Bytes in ``'2GB'``, ``'500MB'``, ``'1.5GiB'`` or a plain number (decimal units as HF's)."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?I?B?)\s*", text.upper())
+    if not m:
+        raise UserError(f"cannot read the size {text!r}: write it like 2GB, 500MB or 1GiB")
+    number, unit = float(m.group(1)), m.group(2).rstrip("B") or ""
+    scale = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+    scale |= {"KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}
+    size = int(number * scale[unit])
+    if size < 1:
+        raise UserError(f"the shard size {text!r} must be positive")
+    return size
+
+
+def _shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
+    """Consecutive groups of tensors of at most ``max_bytes`` each (a bigger tensor goes alone)."""
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    return shards
+
+
+def _write_weights(tensors: dict[str, torch.Tensor], out: Path, max_bytes: int) -> None:
+    """``model.safetensors``, or numbered shards and their index when over ``max_bytes``."""
+    from safetensors.torch import save_file
+
+    shards = _shards(tensors, max_bytes)
+    if len(shards) == 1:
+        save_file(shards[0], str(out / WEIGHTS), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, start=1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(out / name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, name))
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    _write_json(out / WEIGHTS_INDEX, index)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+# --------------------------------------------------------------------------- checksums
+
+
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 4 MiB blocks (with a progress bar for big files on a tty)."""
+    from tqdm import tqdm
+
+    digest = hashlib.sha256()
+    size = path.stat().st_size
+    show = sys.stderr.isatty() and size > 256 * 2**20
+    with (
+        open(path, "rb") as f,
+        tqdm(
+            total=size, unit="B", unit_scale=True, desc=f"sha256 {path.name}", disable=not show
+        ) as bar,
+    ):
+        while block := f.read(4 * 2**20):
+            digest.update(block)
+            bar.update(len(block))
+    return digest.hexdigest()
+
+
+def _write_checksums(out: Path) -> None:
+    lines = [f"{sha256_file(p)}  {p.name}\n" for p in sorted(out.iterdir()) if p.name != CHECKSUMS]
+    (out / CHECKSUMS).write_text("".join(lines))
+
+
+def _read_checksums(export_dir: Path) -> dict[str, str]:
+    path = export_dir / CHECKSUMS
+    if not path.is_file():
+        raise UserError(
+            f"{path} is missing: {export_dir} is not a complete export (write one with pretrain export)"
+        )
+    sums = {}
+    for n, line in enumerate(path.read_text().splitlines(), start=1):
+        m = re.fullmatch(r"([0-9a-f]{64}) [ *]([^/\\]+)", line.strip())
+        if not m or m.group(2) in (".", ".."):
+            raise UserError(f"{path}: line {n} is not '<sha256>  <file name>': {line!r}")
+        sums[m.group(2)] = m.group(1)
+    return sums
+
+
+def _weight_files(export_dir: Path) -> list[str]:
+    """The safetensors files of an export: those of the index, or the single file."""
+    index = export_dir / WEIGHTS_INDEX
+    if not index.is_file():
+        return [WEIGHTS]
+    weight_map = _read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise UserError(f"{index}: 'weight_map' is missing or empty")
+    return sorted(set(weight_map.values()))
+
+
+def verify_export(export_dir: str | os.PathLike) -> None:
+    """Check every file of an export against ``checksums.sha256``; name each bad or missing one."""
+    export_dir = Path(export_dir)
+    if not export_dir.is_dir():
+        raise UserError(f"export not found: {export_dir}")
+    sums = _read_checksums(export_dir)
+    problems = []
+    for name in METADATA_FILES + (
+        WEIGHTS_INDEX if (export_dir / WEIGHTS_INDEX).exists() else WEIGHTS,
+    ):
+        if name not in sums:
+            problems.append(f"{name} is not listed in {CHECKSUMS}")
+    for name, want in sums.items():
+        path = export_dir / name
+        if not path.is_file():
+            problems.append(f"{name} is missing")
+        elif sha256_file(path) != want:
+            problems.append(f"{name} fails its checksum (damaged or modified)")
+    if not problems and (export_dir / WEIGHTS_INDEX).exists():
+        problems += [
+            f"{n} is not listed in {CHECKSUMS}" for n in _weight_files(export_dir) if n not in sums
+        ]
+    if problems:
+        raise UserError(
+            f"export {export_dir} is damaged: {'; '.join(problems)}. Export it again from its checkpoint"
+        )
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _install(tmp: Path, out: Path, overwrite: bool) -> None:
+    """Move the finished ``tmp`` to ``out``, replacing a previous export only when allowed."""
+    if out.exists():
+        if not overwrite:
+            raise UserError(f"{out} already exists; pass --overwrite to replace it")
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.rename(out, old)
+        os.rename(tmp, out)
+        shutil.rmtree(old)
+    else:
+        os.rename(tmp, out)
+
+
+def _check_out_dir(out: Path, overwrite: bool) -> None:
+    """Refuse early to replace anything but an earlier export (never an arbitrary directory)."""
+    if not out.exists():
+        return
+    if not overwrite:
+        raise UserError(f"{out} already exists; pass --overwrite to replace it")
+    if not out.is_dir():
+        raise UserError(f"{out} exists and is not a directory; choose another --out")
+    if any(out.iterdir()) and not (out / CHECKSUMS).is_file():
+        raise UserError(f"refusing to replace {out}: it is not an export (no {CHECKSUMS})")
+
+
+def write_export(
+    cfg: ModelConfig,
+    state_dict: dict[str, torch.Tensor],
+    tokenizer,
+    out_dir: str | os.PathLike,
+    *,
+    dtype: str = "fp32",
+    overwrite: bool = False,
+    max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
+) -> Path:
+    """Write an export of weights in our names; ``tokenizer`` is a path or a ``Tokenizer``."""
+    out = Path(out_dir)
+    if dtype not in DTYPES:
+        raise UserError(f"unknown export dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+    torch_dtype = DTYPES[dtype]
+    max_bytes = parse_size(max_shard_size) if isinstance(max_shard_size, str) else max_shard_size
+    if not isinstance(tokenizer, (str, os.PathLike)):
+        tok_obj = tokenizer
+    else:
+        tok_obj = load_tokenizer(tokenizer)
+    eos_id, end_of_turn_id = _special_token_ids(tok_obj)
+    if tok_obj.get_vocab_size() > cfg.vocab_size:
+        raise UserError(
+            f"the tokenizer has {tok_obj.get_vocab_size()} tokens but the model only "
+            f"{cfg.vocab_size} embeddings"
+        )
+    _check_out_dir(out, overwrite)
+    tensors = {
+        name: t.detach().to(device="cpu", dtype=torch_dtype).contiguous()
+        for name, t in to_hf_names(state_dict, cfg.tie_embeddings).items()
+    }
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        _write_weights(tensors, tmp, max_bytes)
+        _write_json(tmp / CONFIG, hf_config(cfg, torch_dtype, eos_id))
+        _write_json(tmp / GENERATION_CONFIG, _generation_config(cfg, eos_id, end_of_turn_id))
+        _write_json(tmp / TOKENIZER_CONFIG, _tokenizer_config(cfg))
+        tok_obj.save(str(tmp / TOKENIZER))
+        _write_checksums(tmp)
+        _install(tmp, out, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def save_export(
+    model,
+    tokenizer_path_or_obj,
+    out_dir: str | os.PathLike,
+    *,
+    dtype: str = "fp32",
+    overwrite: bool = False,
+    max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
+) -> Path:
+    """Export an (unsharded) ``Transformer`` with its tokenizer; returns the export directory."""
+    return write_export(
+        model.config,
+        model.state_dict(),
+        tokenizer_path_or_obj,
+        out_dir,
+        dtype=dtype,
+        overwrite=overwrite,
+        max_shard_size=max_shard_size,
+    )
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise UserError(f"{path} is missing")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} should hold a JSON object")
+    return data
+
+
+def read_export_config(export_dir: str | os.PathLike) -> ModelConfig:
+    """The ``ModelConfig`` described by an export's ``config.json``."""
+    path = Path(export_dir) / CONFIG
+    return model_config_from_hf(_read_json(path), path)
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise UserError(f"{path} is missing")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"{path} is damaged and cannot be read ({e}); export it again") from None
+
+
+def load_export(
+    export_dir: str | os.PathLike, *, verify: bool = True
+) -> tuple[ModelConfig, dict[str, torch.Tensor], object]:
+    """``(ModelConfig, state dict in our names, tokenizers.Tokenizer)`` of an export.
+
+    With ``verify`` (the default) every file is first checked against its checksum. The tensors
+    keep the export's dtype; their names and shapes are checked against ``config.json``.
+    """
+    export_dir = Path(export_dir)
+    if not export_dir.is_dir():
+        raise UserError(f"export not found: {export_dir}")
+    if verify:
+        verify_export(export_dir)
+    cfg = read_export_config(export_dir)
+    tensors: dict[str, torch.Tensor] = {}
+    source: dict[str, str] = {}
+    for name in _weight_files(export_dir):
+        for key, t in _load_safetensors(export_dir / name).items():
+            tensors[key] = t
+            source[key] = name
+    expected = to_hf_names(_meta_state_dict(cfg), cfg.tie_embeddings)
+    problems = [f"{k} is missing" for k in expected if k not in tensors]
+    problems += [
+        f"{k} (in {source[k]}) is not a weight of this model" for k in tensors if k not in expected
+    ]
+    problems += [
+        f"{k} (in {source[k]}) has shape {tuple(tensors[k].shape)}, {CONFIG} wants {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in tensors and tensors[k].shape != v.shape
+    ]
+    if problems:
+        raise UserError(f"export {export_dir} does not match its {CONFIG}: {'; '.join(problems)}")
+    tokenizer = load_tokenizer(export_dir / TOKENIZER)
+    return cfg, from_hf_names(tensors, cfg.tie_embeddings), tokenizer
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "checkpoint",
+        metavar="CHECKPOINT",
+        help="a step directory, a run's checkpoints/ directory or a run directory (uses latest)",
+    )
+    parser.add_argument("--out", required=True, metavar="DIR", help="the export directory to write")
+    parser.add_argument(
+        "--dtype", choices=list(DTYPES), default="fp32", help="weight dtype (default fp32)"
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing export")
+    parser.add_argument(
+        "--max-shard-size",
+        default=DEFAULT_MAX_SHARD_SIZE,
+        metavar="SIZE",
+        help=f"split weights into safetensors shards of at most SIZE (default {DEFAULT_MAX_SHARD_SIZE})",
+    )
+
+
+def _describe(out: Path) -> str:
+    files = sorted(p for p in out.iterdir() if p.suffix == ".safetensors")
+    size = sum(p.stat().st_size for p in files)
+    return f"{len(files)} safetensors file{'s' if len(files) > 1 else ''}, {size / 1e6:.1f} MB"
+
+
+def run(args: argparse.Namespace) -> int:
+    step_dir = resolve_checkpoint(args.checkpoint)
+    out = Path(args.out)
+    _check_out_dir(out, args.overwrite)
+    parse_size(args.max_shard_size)
+    print(f"reading {step_dir}", flush=True)
+    cfg, state_dict = load_checkpoint_weights(step_dir)
+    n_params = sum(
+        t.numel()
+        for n, t in state_dict.items()
+        if not (cfg.tie_embeddings and n.startswith("lm_head."))
+    )
+    write_export(
+        cfg,
+        state_dict,
+        step_dir / TOKENIZER,
+        out,
+        dtype=args.dtype,
+        overwrite=args.overwrite,
+        max_shard_size=args.max_shard_size,
+    )
+    print(f"exported {n_params / 1e6:.2f}M parameters ({args.dtype}) to {out}: {_describe(out)}")
+    return 0

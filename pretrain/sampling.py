@@ -1,0 +1,111 @@
+"""Choosing the next token from logits: greedy, temperature, top-k and top-p (nucleus) sampling.
+
+Shared by ``pretrain generate`` and the server, so that a prompt with the same settings and seed
+gives the same tokens in both. Every setting may be one value for the whole batch or one value
+per row, because the server batches requests that asked for different things; likewise
+``generator`` may be one :class:`torch.Generator` or one per row, so that a seeded request draws
+the same numbers whatever else shares its batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+PerRow = float | int | None | Sequence[float | int | None] | torch.Tensor
+
+
+def _per_row(value: PerRow, batch: int, name: str, device: torch.device) -> torch.Tensor:
+    """One float64 value per row; ``None`` becomes NaN so that callers can treat it as "off"."""
+    if isinstance(value, torch.Tensor):
+        value = value.tolist()
+    values = list(value) if isinstance(value, Sequence) else [value] * batch
+    if len(values) != batch:
+        raise ValueError(f"{name} has {len(values)} values for a batch of {batch} rows")
+    return torch.tensor(
+        [float("nan") if v is None else float(v) for v in values],
+        dtype=torch.float64,
+        device=device,
+    )
+
+
+def _check_settings(temperature: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor) -> None:
+    if (temperature < 0).any():
+        raise ValueError(f"temperature must be >= 0, got {temperature.tolist()}")
+    if ((top_p <= 0) | (top_p > 1)).any():
+        raise ValueError(f"top_p must be in (0, 1], got {top_p.tolist()}")
+    if ((top_k < 0) | (top_k != top_k.round())).any():
+        raise ValueError(f"top_k must be a whole number >= 0 (0: off), got {top_k.tolist()}")
+
+
+def filter_logits(
+    logits: torch.Tensor, *, top_k: torch.Tensor, top_p: torch.Tensor
+) -> torch.Tensor:
+    """Set to -inf every logit outside the row's top-k, then outside its top-p nucleus.
+
+    ``top_k`` (B,) counts tokens (0: off; ties with the k-th value are kept). ``top_p`` (B,) is the
+    smallest set of most likely tokens whose probability reaches ``top_p`` (1: off); the most
+    likely token always stays.
+    """
+    B, V = logits.shape
+    sorted_logits, sorted_idx = logits.sort(dim=-1, descending=True)
+    k = torch.where(top_k > 0, top_k.clamp(max=V), torch.full_like(top_k, V)).long()
+    kth_value = sorted_logits.gather(1, (k - 1)[:, None].to(logits.device))
+    sorted_logits = sorted_logits.masked_fill(sorted_logits < kth_value, float("-inf"))
+
+    probs = sorted_logits.softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs
+    outside_nucleus = mass_before >= top_p.to(probs.dtype)[:, None]
+    outside_nucleus[:, 0] = False
+    sorted_logits = sorted_logits.masked_fill(outside_nucleus, float("-inf"))
+    return torch.full_like(logits, float("-inf")).scatter(1, sorted_idx, sorted_logits)
+
+
+def _draw(
+    probs: torch.Tensor,
+    generator: torch.Generator | Sequence[torch.Generator | None] | None,
+    rows: torch.Tensor,
+) -> torch.Tensor:
+    """One token per row in ``rows``, each from its own generator when one per row is given."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.multinomial(probs[rows], 1, generator=generator).squeeze(1)
+    drawn = [torch.multinomial(probs[r], 1, generator=generator[r]) for r in rows.tolist()]
+    return torch.cat(drawn) if drawn else rows.new_empty(0)
+
+
+def sample_next_token(
+    logits: torch.Tensor,
+    *,
+    temperature: PerRow = 1.0,
+    top_p: PerRow = 1.0,
+    top_k: PerRow = 0,
+    generator: torch.Generator | Sequence[torch.Generator | None] | None = None,
+) -> torch.Tensor:
+    """The next token id (B,) for each row of ``logits`` (B, V).
+
+    ``temperature`` 0 (or ``None``) is greedy: the argmax, with no random draw. Otherwise the
+    logits are divided by the temperature, filtered to the top ``top_k`` tokens (0 or ``None``:
+    all), then to the top-``top_p`` nucleus (1 or ``None``: all), and one token is drawn from
+    what is left. Bad settings raise :class:`ValueError`.
+    """
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be (batch, vocab), got shape {tuple(logits.shape)}")
+    B = logits.shape[0]
+    if isinstance(generator, Sequence) and len(generator) != B:
+        raise ValueError(f"{len(generator)} generators for a batch of {B} rows")
+    device = logits.device
+    temperature_ = _per_row(temperature, B, "temperature", device).nan_to_num(0.0)
+    top_p_ = _per_row(top_p, B, "top_p", device).nan_to_num(1.0)
+    top_k_ = _per_row(top_k, B, "top_k", device).nan_to_num(0.0)
+    _check_settings(temperature_, top_p_, top_k_)
+
+    logits = logits.float()
+    tokens = logits.argmax(dim=-1)
+    sampled_rows = (temperature_ != 0).nonzero().squeeze(1)
+    if sampled_rows.numel() == 0:
+        return tokens
+    scaled = logits / temperature_.where(temperature_ != 0, 1.0).to(logits.dtype)[:, None]
+    probs = filter_logits(scaled, top_k=top_k_, top_p=top_p_).softmax(dim=-1)
+    tokens[sampled_rows] = _draw(probs, generator, sampled_rows)
+    return tokens
