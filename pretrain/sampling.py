@@ -16,27 +16,23 @@ import torch
 PerRow = float | int | None | Sequence[float | int | None] | torch.Tensor
 
 
-def _per_row(value: PerRow, batch: int, name: str, device: torch.device) -> torch.Tensor:
-    """One float64 value per row; ``None`` becomes NaN so that callers can treat it as "off"."""
+def _per_row(value: PerRow, batch: int, name: str, off: float) -> list[float]:
+    """One number per row; ``None`` means the setting is off and becomes ``off``."""
     if isinstance(value, torch.Tensor):
         value = value.tolist()
     values = list(value) if isinstance(value, Sequence) else [value] * batch
     if len(values) != batch:
         raise ValueError(f"{name} has {len(values)} values for a batch of {batch} rows")
-    return torch.tensor(
-        [float("nan") if v is None else float(v) for v in values],
-        dtype=torch.float64,
-        device=device,
-    )
+    return [off if v is None else float(v) for v in values]
 
 
-def _check_settings(temperature: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor) -> None:
-    if (temperature < 0).any():
-        raise ValueError(f"temperature must be >= 0, got {temperature.tolist()}")
-    if ((top_p <= 0) | (top_p > 1)).any():
-        raise ValueError(f"top_p must be in (0, 1], got {top_p.tolist()}")
-    if ((top_k < 0) | (top_k != top_k.round())).any():
-        raise ValueError(f"top_k must be a whole number >= 0 (0: off), got {top_k.tolist()}")
+def _check_settings(temperature: list[float], top_p: list[float], top_k: list[float]) -> None:
+    if any(not t >= 0 for t in temperature):
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if any(not 0 < p <= 1 for p in top_p):
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if any(not (k >= 0 and k == int(k)) for k in top_k):
+        raise ValueError(f"top_k must be a whole number >= 0 (0: off), got {top_k}")
 
 
 def filter_logits(
@@ -48,10 +44,10 @@ def filter_logits(
     smallest set of most likely tokens whose probability reaches ``top_p`` (1: off); the most
     likely token always stays.
     """
-    B, V = logits.shape
+    V = logits.shape[1]
     sorted_logits, sorted_idx = logits.sort(dim=-1, descending=True)
     k = torch.where(top_k > 0, top_k.clamp(max=V), torch.full_like(top_k, V)).long()
-    kth_value = sorted_logits.gather(1, (k - 1)[:, None].to(logits.device))
+    kth_value = sorted_logits.gather(1, (k - 1)[:, None])
     sorted_logits = sorted_logits.masked_fill(sorted_logits < kth_value, float("-inf"))
 
     probs = sorted_logits.softmax(dim=-1)
@@ -65,13 +61,13 @@ def filter_logits(
 def _draw(
     probs: torch.Tensor,
     generator: torch.Generator | Sequence[torch.Generator | None] | None,
-    rows: torch.Tensor,
+    rows: list[int],
 ) -> torch.Tensor:
-    """One token per row in ``rows``, each from its own generator when one per row is given."""
+    """One token per row of ``probs``; row i belongs to batch row ``rows[i]`` (and its generator)."""
     if generator is None or isinstance(generator, torch.Generator):
-        return torch.multinomial(probs[rows], 1, generator=generator).squeeze(1)
-    drawn = [torch.multinomial(probs[r], 1, generator=generator[r]) for r in rows.tolist()]
-    return torch.cat(drawn) if drawn else rows.new_empty(0)
+        return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    drawn = [torch.multinomial(probs[i], 1, generator=generator[r]) for i, r in enumerate(rows)]
+    return torch.cat(drawn)
 
 
 def sample_next_token(
@@ -94,18 +90,24 @@ def sample_next_token(
     B = logits.shape[0]
     if isinstance(generator, Sequence) and len(generator) != B:
         raise ValueError(f"{len(generator)} generators for a batch of {B} rows")
-    device = logits.device
-    temperature_ = _per_row(temperature, B, "temperature", device).nan_to_num(0.0)
-    top_p_ = _per_row(top_p, B, "top_p", device).nan_to_num(1.0)
-    top_k_ = _per_row(top_k, B, "top_k", device).nan_to_num(0.0)
+    temperature_ = _per_row(temperature, B, "temperature", off=0.0)
+    top_p_ = _per_row(top_p, B, "top_p", off=1.0)
+    top_k_ = _per_row(top_k, B, "top_k", off=0.0)
     _check_settings(temperature_, top_p_, top_k_)
 
     logits = logits.float()
     tokens = logits.argmax(dim=-1)
-    sampled_rows = (temperature_ != 0).nonzero().squeeze(1)
-    if sampled_rows.numel() == 0:
+    rows = [i for i, t in enumerate(temperature_) if t != 0]
+    if not rows:
         return tokens
-    scaled = logits / temperature_.where(temperature_ != 0, 1.0).to(logits.dtype)[:, None]
-    probs = filter_logits(scaled, top_k=top_k_, top_p=top_p_).softmax(dim=-1)
-    tokens[sampled_rows] = _draw(probs, generator, sampled_rows)
+    device = logits.device
+    index = torch.tensor(rows, device=device)
+    scaled = logits[index] / torch.tensor([temperature_[r] for r in rows], device=device)[:, None]
+    if any(top_k_[r] > 0 or top_p_[r] < 1 for r in rows):
+        scaled = filter_logits(
+            scaled,
+            top_k=torch.tensor([top_k_[r] for r in rows], device=device),
+            top_p=torch.tensor([top_p_[r] for r in rows], device=device),
+        )
+    tokens[index] = _draw(scaled.softmax(dim=-1), generator, rows)
     return tokens
