@@ -122,6 +122,11 @@ class Request:
         return self.num_cached >= len(self.prompt_ids)
 
     @property
+    def num_cached_prompt(self) -> int:
+        """Prompt tokens already prefilled."""
+        return min(self.num_cached, len(self.prompt_ids))
+
+    @property
     def next_position(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids) - 1
 
