@@ -100,6 +100,7 @@ def load_checkpoint_weights(
     tensors. A tied checkpoint may hold the shared matrix under one name or both.
     """
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
 
     step_dir = Path(step_dir)
     cfg = read_checkpoint_config(step_dir)
@@ -130,8 +131,11 @@ def load_checkpoint_weights(
         with warnings.catch_warnings():  # "no process group: loading in one process" is intended
             warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
             dcp.load({"model": template}, checkpoint_id=str(step_dir), no_dist=True)
-    except Exception as e:
-        raise UserError(f"checkpoint {step_dir} could not be read: {e}") from None
+    except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
+        last_line = (str(e).strip().splitlines() or [type(e).__name__])[-1]
+        raise UserError(
+            f"checkpoint {step_dir} could not be read (damaged or incomplete file?): {last_line}"
+        ) from None
     if cfg.tie_embeddings:
         template["lm_head.weight"] = template["embed_tokens.weight"]
     return cfg, template

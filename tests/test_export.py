@@ -366,6 +366,8 @@ def test_bad_config_json_names_the_field(edit, message, exports, tmp_path):
 
 
 def test_export_command_refuses_bad_paths(exports, tmp_path, capsys):
+    import shutil
+
     _, export_dir = exports["mha"]
     run_dir = export_dir.parent / "run"
     (tmp_path / "empty").mkdir()
@@ -373,6 +375,17 @@ def test_export_command_refuses_bad_paths(exports, tmp_path, capsys):
     assert "is not a checkpoint" in capsys.readouterr().err
     assert export_cli(tmp_path / "missing", "--out", tmp_path / "x") == 2
     assert "checkpoint not found" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+    damaged = tmp_path / "damaged-run"
+    shutil.copytree(run_dir, damaged)
+    (shard,) = damaged.glob("checkpoints/step-*/*.distcp")
+    shard.write_bytes(shard.read_bytes()[:100])
+    assert export_cli(damaged, "--out", tmp_path / "x") == 2
+    assert "could not be read (damaged or incomplete file?)" in capsys.readouterr().err
+    (damaged / "checkpoints" / "latest").write_text("step-000009\n")
+    assert export_cli(damaged, "--out", tmp_path / "x") == 2
+    assert "not a complete checkpoint" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
     out = tmp_path / "export"
