@@ -5,6 +5,7 @@
 """
 
 from kernels._backend import get_backend, set_backend, use_triton
+from kernels.adamw import AdamW
 from kernels.attention import attention, attention_reference
 from kernels.cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
 from kernels.rms_norm import rms_norm, rms_norm_reference
@@ -12,6 +13,7 @@ from kernels.rope import apply_rope, apply_rope_reference, rope_cos_sin
 from kernels.swiglu import swiglu, swiglu_reference
 
 __all__ = [
+    "AdamW",
     "apply_rope",
     "apply_rope_reference",
     "attention",

@@ -1,13 +1,24 @@
 """Rotary position embeddings in the half-split layout (the one Hugging Face Llama uses).
 
 The pair rotated together is (x[i], x[i + D/2]), so exported q/k weights need no permutation.
+The Triton kernel rotates every head of q and k at one (batch, position) per program, reading that
+position's cos/sin once; its backward is the same kernel rotating the other way (sin negated).
 """
 
 from __future__ import annotations
 
-import torch
+from typing import Any
 
-from kernels._backend import use_triton
+import torch
+import triton
+import triton.language as tl
+
+from kernels._backend import INTERPRET, use_triton
+
+MAX_HEAD_DIM = 256  # wider heads run the reference
+MIN_BLOCK_HALF = 16
+GPU_BLOCK_HEADS, INTERPRET_BLOCK_HEADS = 8, 2
+_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 def rope_cos_sin(
@@ -35,6 +46,168 @@ def apply_rope_reference(
     return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
 
+@triton.jit
+def _rotate_heads(
+    x_ptr, out_ptr, stride_xh, stride_oh, H, HALF, c, s, d, d_mask, BLOCK_H: tl.constexpr
+):
+    """Rotate rows x[h, :HALF] / x[h, HALF:] of every head h at one position."""
+    for h0 in range(0, H, BLOCK_H):
+        h = h0 + tl.arange(0, BLOCK_H)
+        mask = (h < H)[:, None] & d_mask[None, :]
+        x_offsets = h[:, None] * stride_xh + d[None, :]
+        out_offsets = h[:, None] * stride_oh + d[None, :]
+        x1 = tl.load(x_ptr + x_offsets, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(x_ptr + x_offsets + HALF, mask=mask, other=0.0).to(tl.float32)
+        y1 = x1 * c - x2 * s
+        y2 = x2 * c + x1 * s
+        tl.store(out_ptr + out_offsets, y1.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_ptr + out_offsets + HALF, y2.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rope_kernel(
+    q_ptr,
+    k_ptr,
+    q_out_ptr,
+    k_out_ptr,
+    cos_ptr,
+    sin_ptr,
+    T,
+    HQ,
+    HKV,
+    HALF,
+    stride_qb,
+    stride_qh,
+    stride_qt,
+    stride_kb,
+    stride_kh,
+    stride_kt,
+    stride_cb,
+    stride_ct,
+    BLOCK_HALF: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BACKWARD: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    b = (pid // T).to(tl.int64)
+    t = (pid % T).to(tl.int64)
+    d = tl.arange(0, BLOCK_HALF)
+    d_mask = d < HALF
+    c = tl.load(cos_ptr + b * stride_cb + t * stride_ct + d, mask=d_mask, other=0.0).to(tl.float32)
+    s = tl.load(sin_ptr + b * stride_cb + t * stride_ct + d, mask=d_mask, other=0.0).to(tl.float32)
+    if BACKWARD:  # the inverse rotation: by -angle
+        s = -s
+    head_dim = 2 * HALF
+    _rotate_heads(
+        q_ptr + b * stride_qb + t * stride_qt,
+        q_out_ptr + (b * HQ * T + t) * head_dim,
+        stride_qh,
+        T * head_dim,
+        HQ,
+        HALF,
+        c,
+        s,
+        d,
+        d_mask,
+        BLOCK_H,
+    )
+    _rotate_heads(
+        k_ptr + b * stride_kb + t * stride_kt,
+        k_out_ptr + (b * HKV * T + t) * head_dim,
+        stride_kh,
+        T * head_dim,
+        HKV,
+        HALF,
+        c,
+        s,
+        d,
+        d_mask,
+        BLOCK_H,
+    )
+
+
+def kernel_config(head_dim: int, device: torch.device) -> tuple[int, int, int]:
+    """(BLOCK_HALF, BLOCK_H, num_warps) for heads of ``head_dim``."""
+    block_half = max(MIN_BLOCK_HALF, triton.next_power_of_2(head_dim // 2))
+    interpreted = device.type == "cpu" and INTERPRET
+    return block_half, INTERPRET_BLOCK_HEADS if interpreted else GPU_BLOCK_HEADS, 4
+
+
+def _cos_sin_rows(t: torch.Tensor, B: int, T: int) -> torch.Tensor:
+    """cos or sin as fp32 (B, 1, T, D/2), broadcast along B where it was given once."""
+    t4 = t.float().reshape((1, 1) + tuple(t.shape)) if t.dim() == 2 else t.float()
+    t4 = t4.expand(B, 1, T, t4.shape[-1])
+    return t4 if t4.stride(-1) == 1 else t4.contiguous()
+
+
+def _rope_launch(q, k, cos4, sin4, backward: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if k.stride(-1) != 1:
+        k = k.contiguous()
+    B, HQ, T, D = q.shape
+    HKV = k.shape[1]
+    q_out = torch.empty((B, HQ, T, D), dtype=q.dtype, device=q.device)
+    k_out = torch.empty((B, HKV, T, D), dtype=k.dtype, device=k.device)
+    block_half, block_h, num_warps = kernel_config(D, q.device)
+    if B * T > 0:
+        _rope_kernel[(B * T,)](
+            q,
+            k,
+            q_out,
+            k_out,
+            cos4,
+            sin4,
+            T,
+            HQ,
+            HKV,
+            D // 2,
+            q.stride(0),
+            q.stride(1),
+            q.stride(2),
+            k.stride(0),
+            k.stride(1),
+            k.stride(2),
+            cos4.stride(0),
+            cos4.stride(2),
+            BLOCK_HALF=block_half,
+            BLOCK_H=block_h,
+            BACKWARD=backward,
+            num_warps=num_warps,
+        )
+    return q_out, k_out
+
+
+class _RopeFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, cos, sin):
+        B, _, T, _ = q.shape
+        cos4, sin4 = _cos_sin_rows(cos, B, T), _cos_sin_rows(sin, B, T)
+        ctx.save_for_backward(cos4, sin4)
+        return _rope_launch(q, k, cos4, sin4, backward=False)
+
+    @staticmethod
+    def backward(ctx, dq, dk):
+        cos4, sin4 = ctx.saved_tensors
+        dq_in, dk_in = _rope_launch(dq, dk, cos4, sin4, backward=True)
+        return dq_in, dk_in, None, None
+
+
+def _fits_kernel(q, k, cos) -> bool:
+    return (
+        q.dim() == 4
+        and k.dim() == 4
+        and q.dtype in _DTYPES
+        and k.dtype == q.dtype
+        and q.shape[0] == k.shape[0]
+        and q.shape[2:] == k.shape[2:]
+        and q.shape[-1] % 2 == 0
+        and q.shape[-1] <= MAX_HEAD_DIM
+        and cos.dim() in (2, 4)
+        and cos.shape[-2:] == (q.shape[2], q.shape[-1] // 2)
+    )
+
+
 def apply_rope(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -43,5 +216,59 @@ def apply_rope(
     *,
     backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    use_triton(q, backend)
+    """Rotate q (B, Hq, T, D) and k (B, Hkv, T, D) by the angles whose cos/sin are given.
+
+    cos/sin are (T, D/2) or (B, 1, T, D/2) (from :func:`rope_cos_sin`); they get no gradient.
+    """
+    if use_triton(q, backend) and _fits_kernel(q, k, cos):
+        return _RopeFunction.apply(q, k, cos, sin)
     return apply_rope_reference(q, k, cos, sin)
+
+
+def sm90_builds() -> list[dict[str, Any]]:
+    """Every compile the GPU path can launch (each head-size block, dtype and direction)."""
+    builds = []
+    block_half = MIN_BLOCK_HALF
+    while block_half <= MAX_HEAD_DIM // 2:
+        for dtype in _DTYPES.values():
+            for backward in (False, True):
+                t = f"*{dtype}"
+                builds.append(
+                    {
+                        "name": f"rope_{'bwd' if backward else 'fwd'}_{dtype}_half{block_half}",
+                        "fn": _rope_kernel,
+                        "signature": {
+                            "q_ptr": t,
+                            "k_ptr": t,
+                            "q_out_ptr": t,
+                            "k_out_ptr": t,
+                            "cos_ptr": "*fp32",
+                            "sin_ptr": "*fp32",
+                            "T": "i32",
+                            "HQ": "i32",
+                            "HKV": "i32",
+                            "HALF": "i32",
+                            "stride_qb": "i32",
+                            "stride_qh": "i32",
+                            "stride_qt": "i32",
+                            "stride_kb": "i32",
+                            "stride_kh": "i32",
+                            "stride_kt": "i32",
+                            "stride_cb": "i32",
+                            "stride_ct": "i32",
+                            "BLOCK_HALF": "constexpr",
+                            "BLOCK_H": "constexpr",
+                            "BACKWARD": "constexpr",
+                        },
+                        "constexprs": {
+                            "BLOCK_HALF": block_half,
+                            "BLOCK_H": GPU_BLOCK_HEADS,
+                            "BACKWARD": backward,
+                        },
+                        "num_warps": 4,
+                        "num_stages": 1,
+                        "matrix": False,
+                    }
+                )
+        block_half *= 2
+    return builds

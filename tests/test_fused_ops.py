@@ -1,0 +1,300 @@
+"""Fused RMSNorm, RoPE, SwiGLU and linear + cross-entropy: Triton (interpreted) vs float64 math.
+
+Each op's outputs and input gradients are compared with the same function written out in float64
+here (not the module's own fp32 reference), with shapes that leave ragged edges in every block:
+rows narrower than the block, head counts not a multiple of the head block, vocabularies spanning
+several blocks with a partial last one, token counts not a multiple of the chunk.
+"""
+
+import functools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kernels
+from kernels import cross_entropy as ce_module
+from kernels.cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
+from kernels.rms_norm import rms_norm, rms_norm_reference
+from kernels.rope import apply_rope, apply_rope_reference, rope_cos_sin
+from kernels.swiglu import swiglu
+
+TOL = {torch.float32: 2e-5, torch.float16: 5e-3}
+
+
+def _check_against_float64(op, reference64, inputs, dtype, *, atol_scale=1.0):
+    """Run ``op`` on ``inputs`` cast to ``dtype`` and ``reference64`` in float64; compare all."""
+    ours = [
+        t.detach().to(dtype).clone().requires_grad_() if t.is_floating_point() else t
+        for t in inputs
+    ]
+    ref = [t.detach().double().requires_grad_() if t.is_floating_point() else t for t in inputs]
+    out, out_ref = op(*ours), reference64(*ref)
+    out = out if isinstance(out, tuple) else (out,)
+    out_ref = out_ref if isinstance(out_ref, tuple) else (out_ref,)
+    grads = [torch.randn(o.shape, dtype=torch.float64) for o in out_ref]
+    torch.autograd.backward(out, [g.to(o.dtype) for g, o in zip(grads, out)])
+    torch.autograd.backward(out_ref, grads)
+    tol = TOL[dtype] * atol_scale
+    for o, r in zip(out, out_ref):
+        assert o.dtype == dtype or o.dtype == torch.float32
+        torch.testing.assert_close(o.double(), r, rtol=tol, atol=tol)
+    for t, r in zip(ours, ref):
+        if t.is_floating_point():
+            assert t.grad is not None
+            torch.testing.assert_close(t.grad.double(), r.grad, rtol=tol, atol=tol)
+    return out
+
+
+def _is_fused(out: torch.Tensor) -> bool:
+    return out.grad_fn is not None and "Function" in type(out.grad_fn).__name__
+
+
+# RMSNorm -----------------------------------------------------------------------------------------
+
+
+def _rms_norm64(x, w, eps=1e-5):
+    return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape", [(2, 7, 50), (3, 128)])
+def test_rms_norm_matches_float64(shape, dtype):
+    torch.manual_seed(0)
+    x, w = torch.randn(shape), 1 + 0.1 * torch.randn(shape[-1])
+    op = functools.partial(rms_norm, eps=1e-5, backend="triton")
+    (out,) = _check_against_float64(op, _rms_norm64, [x, w], dtype)
+    assert _is_fused(out)
+
+
+def test_rms_norm_strided_input_and_bf16_weight_follow_the_reference():
+    torch.manual_seed(0)
+    x = torch.randn(6, 40)[:, :33]  # rows with a stride wider than the row
+    w = torch.randn(33).to(torch.bfloat16)
+    torch.testing.assert_close(rms_norm(x, w, backend="triton"), rms_norm_reference(x, w))
+
+
+def test_rms_norm_weight_gradient_sums_over_many_rows():
+    """More rows than backward programs, so each program accumulates several rows' dw."""
+    torch.manual_seed(0)
+    x, w = torch.randn(19, 24), torch.randn(24)
+    _check_against_float64(
+        functools.partial(rms_norm, backend="triton"), _rms_norm64, [x, w], torch.float32
+    )
+
+
+# RoPE --------------------------------------------------------------------------------------------
+
+
+def _rope64(q, k, cos, sin):
+    def rotate(x):
+        half = x.shape[-1] // 2
+        x1, x2 = x[..., :half], x[..., half:]
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+    return rotate(q), rotate(k)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_rope_matches_float64_with_shared_positions(dtype):
+    torch.manual_seed(0)
+    B, Hq, Hkv, T, D = 2, 5, 3, 11, 32  # head counts not a multiple of the head block
+    q, k = torch.randn(B, Hq, T, D), torch.randn(B, Hkv, T, D)
+    cos, sin = rope_cos_sin(torch.arange(T), D)
+
+    def op(q, k):
+        return apply_rope(q, k, cos, sin, backend="triton")
+
+    def ref(q, k):
+        return _rope64(q, k, cos.double(), sin.double())
+
+    out = _check_against_float64(op, ref, [q, k], dtype)
+    assert all(_is_fused(o) for o in out)
+
+
+def test_rope_matches_float64_with_per_sequence_positions_and_strided_q():
+    """(B, 1, T, D/2) angles, q as the model makes it: a transposed view of (B, T, H, D)."""
+    torch.manual_seed(0)
+    B, H, T, D = 2, 4, 9, 16
+    positions = torch.randint(0, 100, (B, T))
+    cos, sin = rope_cos_sin(positions, D)
+    cos, sin = cos[:, None], sin[:, None]
+    q_bthd, k = torch.randn(B, T, H, D), torch.randn(B, 2, T, D)
+
+    def op(q_bthd, k):
+        return apply_rope(q_bthd.transpose(1, 2), k, cos, sin, backend="triton")
+
+    def ref(q_bthd, k):
+        return _rope64(q_bthd.transpose(1, 2), k, cos.double(), sin.double())
+
+    _check_against_float64(op, ref, [q_bthd, k], torch.float32)
+
+
+def test_rope_reference_agrees_with_float64():
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 2, 5, 8), torch.randn(1, 1, 5, 8)
+    cos, sin = rope_cos_sin(torch.arange(5), 8)
+    for ours, ref in zip(apply_rope_reference(q, k, cos, sin), _rope64(q, k, cos, sin)):
+        torch.testing.assert_close(ours, ref)
+
+
+# SwiGLU ------------------------------------------------------------------------------------------
+
+
+def _swiglu64(gate, up):
+    return gate * torch.sigmoid(gate) * up
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_swiglu_matches_float64(dtype):
+    torch.manual_seed(0)
+    gate, up = 3 * torch.randn(3, 5, 173), torch.randn(3, 5, 173)  # 2595: several ragged blocks
+    op = functools.partial(swiglu, backend="triton")
+    (out,) = _check_against_float64(op, _swiglu64, [gate, up], dtype)
+    assert _is_fused(out)
+
+
+# Linear + cross-entropy --------------------------------------------------------------------------
+
+
+def _linear_ce64(hidden, weight, targets, ignore_index=-100, reduction="mean"):
+    logits = hidden @ weight.t()
+    return F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction=reduction)
+
+
+def _ce_inputs(n=37, d=16, vocab=300, ignore_every=5, seed=0):
+    torch.manual_seed(seed)
+    hidden, weight = torch.randn(n, d), torch.randn(vocab, d) / math.sqrt(d)
+    targets = torch.randint(0, vocab, (n,))
+    if ignore_every:
+        targets[::ignore_every] = -100
+    return hidden, weight, targets
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("chunk_tokens", [None, 10])
+def test_linear_cross_entropy_matches_float64(reduction, chunk_tokens):
+    """Vocabulary 300 spans three 128-wide blocks; 37 tokens in chunks of 10 leave a partial one."""
+    hidden, weight, targets = _ce_inputs()
+    assert weight.shape[0] % ce_module.INTERPRET_BLOCK_V != 0
+
+    def op(h, w):
+        return linear_cross_entropy(
+            h, w, targets, reduction=reduction, backend="triton", chunk_tokens=chunk_tokens
+        )
+
+    def ref(h, w):
+        return _linear_ce64(h, w, targets, reduction=reduction)
+
+    (loss,) = _check_against_float64(op, ref, [hidden, weight], torch.float32)
+    assert loss.dtype == torch.float32 and loss.dim() == 0
+
+
+def test_linear_cross_entropy_fp16():
+    hidden, weight, targets = _ce_inputs(n=20, vocab=200)
+
+    def op(h, w):
+        return linear_cross_entropy(h, w, targets, backend="triton", chunk_tokens=8)
+
+    def ref(h, w):
+        return _linear_ce64(h, w, targets)
+
+    _check_against_float64(op, ref, [hidden, weight], torch.float16, atol_scale=2)
+
+
+def test_linear_cross_entropy_custom_ignore_index():
+    hidden, weight, targets = _ce_inputs(ignore_every=0)
+    targets[3:9] = 7
+
+    def op(h, w):
+        return linear_cross_entropy(h, w, targets, ignore_index=7, backend="triton")
+
+    def ref(h, w):
+        return _linear_ce64(h, w, targets, ignore_index=7)
+
+    _check_against_float64(op, ref, [hidden, weight], torch.float32)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_linear_cross_entropy_all_targets_ignored(reduction):
+    """No valid target: the sum is 0, the mean NaN (as F.cross_entropy), the gradients zero."""
+    hidden, weight, targets = _ce_inputs(n=9)
+    targets[:] = -100
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    loss = linear_cross_entropy(h, w, targets, reduction=reduction, backend="triton")
+    ref = linear_cross_entropy_reference(hidden, weight, targets, reduction=reduction)
+    torch.testing.assert_close(loss, ref, equal_nan=True)
+    assert torch.isnan(loss).item() == (reduction == "mean")
+    if reduction == "sum":
+        loss.backward()
+        assert torch.count_nonzero(h.grad) == 0 and torch.count_nonzero(w.grad) == 0
+
+
+def test_linear_cross_entropy_gradient_scales_with_upstream_and_skips_frozen_weight():
+    hidden, weight, targets = _ce_inputs()
+    h = hidden.clone().requires_grad_()
+    (3.0 * linear_cross_entropy(h, weight, targets, backend="triton", chunk_tokens=16)).backward()
+    h64 = hidden.double().requires_grad_()
+    (3.0 * _linear_ce64(h64, weight.double(), targets)).backward()
+    torch.testing.assert_close(h.grad.double(), h64.grad, rtol=2e-5, atol=2e-5)
+
+
+def test_linear_cross_entropy_without_grad_gives_the_loss():
+    hidden, weight, targets = _ce_inputs()
+    with torch.no_grad():
+        loss = linear_cross_entropy(hidden, weight, targets, backend="triton", chunk_tokens=7)
+    expected = _linear_ce64(hidden.double(), weight.double(), targets)
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_linear_cross_entropy_rejects_bad_shapes_and_reduction():
+    hidden, weight, targets = _ce_inputs()
+    with pytest.raises(ValueError, match="reduction"):
+        linear_cross_entropy(hidden, weight, targets, reduction="none", backend="triton")
+    with pytest.raises(ValueError, match="targets"):
+        linear_cross_entropy(hidden, weight, targets[:-1], backend="triton")
+    with pytest.raises(ValueError, match="dtype"):
+        linear_cross_entropy(hidden, weight.double(), targets, backend="triton")
+
+
+# Dispatch and use inside the model ---------------------------------------------------------------
+
+
+def test_cpu_tensors_run_the_reference_unless_triton_is_forced():
+    x, w = torch.randn(4, 8, requires_grad=True), torch.ones(8)
+    assert not _is_fused(rms_norm(x, w))
+    assert not _is_fused(rms_norm(x, w, backend="torch"))
+    assert _is_fused(rms_norm(x, w, backend="triton"))
+
+
+def test_transformer_loss_and_gradients_with_fused_ops_match_the_references(monkeypatch):
+    """The model's own calls (strided q, reshaped hidden, tied head) through the fused ops."""
+    from pretrain.config import ModelConfig
+    from pretrain.model import Transformer
+
+    cfg = ModelConfig(
+        vocab_size=150, n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, max_seq_len=16,
+        tie_embeddings=True,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    idx = torch.randint(0, 150, (2, 12))
+    targets = torch.randint(0, 150, (2, 12))
+    targets[0, :4] = -100
+
+    def loss_and_grads():
+        model.zero_grad()
+        loss = model(idx, targets)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    ref_loss, ref_grads = loss_and_grads()
+    for name in ("rms_norm", "apply_rope", "swiglu", "linear_cross_entropy"):
+        monkeypatch.setattr(
+            kernels, name, functools.partial(getattr(kernels, name), backend="triton")
+        )
+    loss, grads = loss_and_grads()
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
