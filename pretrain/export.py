@@ -265,14 +265,13 @@ def model_config_from_hf(config: dict, path: str | os.PathLike = CONFIG) -> Mode
     return cfg
 
 
-def _generation_config(cfg: ModelConfig, eos_id: int, end_of_turn_id: int | None) -> dict:
+def _generation_config(eos_id: int, end_of_turn_id: int | None) -> dict:
     """Stop at end of text, and at end of turn for chat models, as our server does."""
     stop = [eos_id] if end_of_turn_id is None else [eos_id, end_of_turn_id]
     return {
         "bos_token_id": eos_id,
         "eos_token_id": stop if len(stop) > 1 else eos_id,
         "pad_token_id": eos_id,
-        "max_length": cfg.max_seq_len,
     }
 
 
@@ -509,7 +508,7 @@ def write_export(
     try:
         _write_weights(tensors, tmp, max_bytes)
         _write_json(tmp / CONFIG, hf_config(cfg, torch_dtype, eos_id))
-        _write_json(tmp / GENERATION_CONFIG, _generation_config(cfg, eos_id, end_of_turn_id))
+        _write_json(tmp / GENERATION_CONFIG, _generation_config(eos_id, end_of_turn_id))
         _write_json(tmp / TOKENIZER_CONFIG, _tokenizer_config(cfg))
         tok_obj.save(str(tmp / TOKENIZER))
         _write_checksums(tmp)
