@@ -430,3 +430,24 @@ def test_generate_command_prints_the_greedy_continuation(exports, tokenizer, cap
 
     assert cli.main([*args, "--top-p", "0"]) == 2
     assert "--top-p must be in (0, 1]" in capsys.readouterr().err
+
+
+def test_a_failed_export_leaves_the_previous_one_intact(exports, tmp_path, monkeypatch):
+    import pretrain.export as export
+
+    _, export_dir = exports["mha"]
+    run_dir = export_dir.parent / "run"
+    out = tmp_path / "export"
+    assert export_cli(run_dir, "--out", out) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def disk_full(path):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(export, "_write_checksums", disk_full)
+    with pytest.raises(OSError):
+        export_cli(run_dir, "--out", out, "--overwrite", "--dtype", "bf16")
+    with pytest.raises(OSError):
+        export_cli(run_dir, "--out", tmp_path / "new")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
