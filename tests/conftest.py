@@ -24,3 +24,39 @@ if "kernels" not in sys.modules:
 @pytest.fixture
 def root() -> Path:
     return ROOT
+
+
+def write_tiny_corpus(directory: Path, num_docs: int = 160, seed: int = 0) -> list[Path]:
+    """Deterministic small text files (one document each) of English-like sentences."""
+    import random
+
+    rng = random.Random(seed)
+    words = (
+        "the a model data token batch layer loss step learns predicts next small large fast slow "
+        "train val text shard window epoch seed rank worker gradient weight attention head"
+    ).split()
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(num_docs):
+        sentences = [
+            " ".join(rng.choice(words) for _ in range(rng.randint(4, 12))).capitalize() + "."
+            for _ in range(rng.randint(3, 30))
+        ]
+        path = directory / f"doc-{i:04d}.txt"
+        path.write_text(f"Document {i}. " + " ".join(sentences) + "\n", encoding="utf-8")
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory) -> Path:
+    """A prepared dataset (vocab 512, ~60k tokens, train and val) for tests that need real shards."""
+    from pretrain.data import prepare_dataset
+
+    base = tmp_path_factory.mktemp("tiny-dataset")
+    write_tiny_corpus(base / "corpus")
+    out = base / "data"
+    prepare_dataset(
+        out, [str(base / "corpus")], vocab_size=512, val_fraction=0.1, log=lambda *a: None
+    )
+    return out
