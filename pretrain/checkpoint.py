@@ -23,6 +23,7 @@ A process killed mid-save leaves a ``.tmp-*`` directory that the next start dele
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -48,13 +49,18 @@ from pretrain.config import save_config
 from pretrain.errors import UserError
 from pretrain.parallel import DistInfo, barrier
 
-# DCP warns that it runs "in a single process" whenever there is no process group: that is intended.
-warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
-
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 TMP_PREFIX = ".tmp-"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+@contextlib.contextmanager
+def _quiet_single_process():
+    """DCP warns that it runs "in a single process" whenever there is no process group: intended."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 def step_dir_name(step: int) -> str:
@@ -136,7 +142,8 @@ def _check_model_shapes(path: Path, metadata, model_sd: dict[str, Any], prefix: 
 
 def _dcp_load(state: dict, path: Path) -> None:
     try:
-        dcp.load(state, checkpoint_id=str(path))
+        with _quiet_single_process():
+            dcp.load(state, checkpoint_id=str(path))
     except UserError:
         raise
     except Exception as e:
@@ -263,7 +270,8 @@ class Checkpointer:
             future = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self._async_group)
             self._pending = (future, tmp, final)
             return final
-        dcp.save(state, checkpoint_id=str(tmp))
+        with _quiet_single_process():
+            dcp.save(state, checkpoint_id=str(tmp))
         barrier()
         self._publish(tmp, final)
         barrier()

@@ -1,0 +1,219 @@
+"""The trainer: CLI, schedules, optimizer groups, bad input, and real runs agreeing with each other.
+
+Per-step losses must not depend on how a global batch is computed: one process with gradient
+accumulation, one process without, and two torchrun ranks (gloo, FSDP2) all give the same losses.
+"""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from train_helpers import ROOT, assert_losses_close, env, losses, records, run_train
+
+from pretrain.config import load_config
+from pretrain.errors import UserError
+from pretrain.train import SpikeDetector, lr_at, param_groups, train, train_step
+
+# --------------------------------------------------------------------------- command line
+
+
+def test_help_lists_options_with_defaults():
+    proc = subprocess.run(
+        [sys.executable, "-m", "pretrain.cli", "train", "--help"],
+        cwd=ROOT, env=env(), capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 0
+    assert "--data" in proc.stdout and "--out" in proc.stdout
+    assert "--train.lr (float, default 0.001)" in proc.stdout
+    assert "--checkpoint.resume" in proc.stdout
+
+
+def test_misspelled_key_is_one_line_naming_it_and_the_fix():
+    proc = subprocess.run(
+        [sys.executable, "-m", "pretrain.cli", "train", "--config", "configs/tiny.toml",
+         "--train.lrr", "1"],
+        cwd=ROOT, env=env(), capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "train.lrr" in lines[0] and "train.lr'" in lines[0]
+
+
+# --------------------------------------------------------------------------- schedule, optimizer
+
+
+def _train_cfg(**kw):
+    cfg = load_config(None).train
+    for k, v in dict(lr=1.0, min_lr_ratio=0.1, warmup_steps=10, steps=110, **kw).items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear", "wsd", "constant"])
+def test_schedule_warms_up_linearly_then_follows_its_shape(schedule):
+    cfg = _train_cfg(schedule=schedule, decay_fraction=0.5)
+    lrs = [lr_at(s, cfg) for s in range(cfg.steps)]
+    assert lrs[:10] == pytest.approx([(s + 1) / 10 for s in range(10)])
+    assert lrs[10] == pytest.approx(1.0)
+    final = 1.0 if schedule == "constant" else 0.1
+    assert lrs[-1] == pytest.approx(final)
+    assert all(b <= a + 1e-12 for a, b in zip(lrs[10:], lrs[11:]))  # never rises after warmup
+    if schedule == "cosine":
+        assert lrs[60] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 50 / 99)))
+    if schedule == "linear":
+        assert lrs[60] == pytest.approx(1.0 - 0.9 * 50 / 99)
+    if schedule == "wsd":
+        assert lrs[54] == 1.0 and lrs[56] < 1.0  # decays over the last 55 steps only
+
+
+def test_weight_decay_skips_norms_and_embeddings():
+    from pretrain.model import Transformer
+
+    cfg = load_config(None, [("model.n_layers", "1"), ("model.tie_embeddings", "true")]).model
+    model = Transformer(cfg)
+    decay, no_decay = param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert "layers.0.self_attn.q_proj.weight" in decayed
+    assert not any("norm" in n or "embed" in n for n in decayed)
+    assert sum(p.numel() for g in (decay, no_decay) for p in g["params"]) == model.num_params()
+
+
+def test_spike_detector_flags_an_outlier_and_the_step_is_skipped():
+    from pretrain.model import Transformer
+
+    det = SpikeDetector(threshold=6.0, warmup=20)
+    for i in range(40):
+        det.update(3.0 + 0.01 * math.sin(i))
+    assert not det.is_spike(3.02) and det.is_spike(4.0)
+
+    cfg = load_config(None, [("model.n_layers", "1"), ("model.d_model", "32"),
+                             ("model.vocab_size", "64")]).model  # fmt: skip
+    model = Transformer(cfg)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    batch = type("B", (), {})()
+    batch.inputs = torch.randint(0, 64, (2, 8))
+    batch.targets, batch.doc_ids = batch.inputs.roll(-1, 1), None
+    det.mean, det.var = 1.0, 1e-4  # any real loss (about ln 64) is a spike now
+    stats = train_step(model, opt, batch, step=1, lr=1e-2, micro_batch_size=2, world_size=1,
+                       grad_clip=1.0, device=torch.device("cpu"), spikes=det)  # fmt: skip
+    assert stats.skipped
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def _cfg(data, *pairs):
+    overrides = [
+        ("model.vocab_size", "512"), ("model.n_layers", "1"), ("model.d_model", "32"),
+        ("model.n_heads", "4"), ("model.n_kv_heads", "2"), ("model.max_seq_len", "32"),
+        ("data.seq_len", "32"), ("data.path", str(data)), ("train.steps", "3"),
+        ("train.global_batch_size", "4"), ("train.micro_batch_size", "2"),
+        ("train.warmup_steps", "1"), ("train.device", "cpu"), ("eval.every", "0"),
+        ("checkpoint.every", "0"), ("logging.every", "1"), *pairs,
+    ]  # fmt: skip
+    return load_config(None, overrides)
+
+
+@pytest.mark.parametrize(
+    "pairs, message",
+    [
+        ([("data.path", "/nonexistent/data")], "data directory not found: /nonexistent/data"),
+        ([("model.vocab_size", "1024")], "vocabulary of 512 tokens but model.vocab_size is 1024"),
+        ([("train.global_batch_size", "6"), ("train.micro_batch_size", "4")], "not divisible"),
+        ([("data.seq_len", "64")], "data.seq_len=64 is longer than model.max_seq_len=32"),
+        ([("train.schedule", "exp")], "train.schedule must be one of"),
+    ],
+)
+def test_bad_input_is_a_clear_user_error(tiny_dataset, tmp_path, pairs, message):
+    with pytest.raises(UserError, match=message.replace(".", r"\.")):
+        train(_cfg(tiny_dataset, *pairs), tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_a_gpu_says_so(tiny_dataset, tmp_path):
+    with pytest.raises(UserError, match="no CUDA device"):
+        train(_cfg(tiny_dataset, ("train.device", "cuda")), tmp_path / "run")
+
+
+def test_divergence_stops_naming_the_step_and_never_checkpoints_it(tiny_dataset, tmp_path):
+    cfg = _cfg(tiny_dataset, ("train.lr", "1e30"), ("train.warmup_steps", "0"),
+               ("train.grad_clip", "0"), ("checkpoint.every", "1"))  # fmt: skip
+    with pytest.raises(UserError, match=r"diverged at step (\d+)") as info:
+        train(cfg, tmp_path / "run")
+    bad_step = int(info.value.args[0].split("step ")[1].split(":")[0])
+    assert bad_step >= 2
+    latest = (tmp_path / "run" / "checkpoints" / "latest").read_text().strip()
+    assert latest == f"step-{bad_step - 1:06d}"
+
+
+# --------------------------------------------------------------------------- real runs
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_dataset, tmp_path_factory):
+    """One 8-step run per way of computing the global batch of 8 sequences."""
+    base = tmp_path_factory.mktemp("train-runs")
+    out = {
+        "accum4": base / "accum4",  # 1 process, micro-batch 2, 4 accumulation steps
+        "accum1": base / "accum1",  # 1 process, micro-batch 8
+        "world2": base / "world2",  # 2 torchrun ranks, micro-batch 4 each
+    }
+    run_train(tiny_dataset, out["accum4"], "--train.micro_batch_size", "2")
+    run_train(tiny_dataset, out["accum1"], "--train.micro_batch_size", "8")
+    run_train(tiny_dataset, out["world2"], nproc=2)
+    return out
+
+
+def test_single_process_run_writes_metrics_config_and_learns(runs):
+    run = runs["accum4"]
+    train_recs = records(run)
+    assert [r["step"] for r in train_recs] == list(range(1, 9))
+    for key in ("loss", "lr", "grad_norm", "tokens_per_s", "tokens"):
+        assert all(r[key] is not None for r in train_recs), key
+    assert train_recs[-1]["tokens"] == 8 * 8 * 32
+    evals = records(run, "eval")
+    assert [r["step"] for r in evals] == [0, 4, 8]
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.3
+    assert evals[0]["val_bpb"] == pytest.approx(
+        evals[0]["val_loss"] / math.log(2) * _tokens_per_byte(run), rel=1e-9
+    )
+    cfg = load_config(run / "config.toml")
+    assert cfg.train.micro_batch_size == 2 and cfg.model.d_model == 32
+
+
+def _tokens_per_byte(run):
+    from pretrain.data import load_manifest
+
+    m = load_manifest(load_config(run / "config.toml").data.path)
+    return m.num_tokens("val") / m.num_bytes("val")
+
+
+def test_gradient_accumulation_matches_one_big_micro_batch(runs):
+    assert_losses_close(losses(runs["accum4"]), losses(runs["accum1"]), rtol=1e-4)
+
+
+def test_two_ranks_match_one_process(runs):
+    assert_losses_close(losses(runs["accum4"]), losses(runs["world2"]), rtol=1e-4)
+    grad = {r["step"]: r["grad_norm"] for r in records(runs["world2"])}
+    ref = {r["step"]: r["grad_norm"] for r in records(runs["accum4"])}
+    assert_losses_close(ref, grad, rtol=1e-3)
+
+
+def test_plot_writes_a_png(runs):
+    proc = subprocess.run(
+        [sys.executable, "-m", "pretrain.cli", "plot", str(runs["accum4"])],
+        cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    png = runs["accum4"] / "metrics.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
