@@ -278,7 +278,10 @@ class ServerState:
             raise APIError(400, f"the chat template failed: {e}", param="messages") from None
 
     def token_text(self, token_id: int) -> str:
-        return self.loaded.tokenizer.decode([token_id], skip_special_tokens=False)
+        """A token's text; its vocabulary piece when it is only part of a UTF-8 character."""
+        tok = self.loaded.tokenizer
+        text = tok.decode([token_id], skip_special_tokens=False)
+        return tok.id_to_token(token_id) if "\ufffd" in text else text
 
 
 # --------------------------------------------------------------------------- generation
@@ -375,7 +378,7 @@ class Generation:
         return results
 
 
-def _sampling_params(req, max_tokens: int, logprobs, stop_ids, *, choice: int, echo=False):
+def _sampling_params(req, max_tokens: int, logprobs, *, choice: int, echo=False):
     from pretrain.serve.engine import SamplingParams
 
     top_k = req.top_k if req.top_k is not None and req.top_k > 0 else 0
@@ -387,7 +390,6 @@ def _sampling_params(req, max_tokens: int, logprobs, stop_ids, *, choice: int, e
         # Each of n choices draws from its own stream, so they differ but each one repeats.
         seed=None if req.seed is None else req.seed + choice,
         stop=stop_list(req.stop),
-        stop_token_ids=stop_ids,
         ignore_eos=req.ignore_eos,
         logprobs=logprobs,
         prompt_logprobs=echo and logprobs is not None,
@@ -543,9 +545,7 @@ def build_app(state: ServerState, on_load_failure=lambda: None):
             if len(ids) + max(max_tokens, 1) > max_len:
                 raise context_error(max_len, len(ids), max_tokens, "prompt")
             for j in range(req.n):
-                params = _sampling_params(
-                    req, max_tokens, req.logprobs, state.loaded.eos_ids, choice=j, echo=req.echo
-                )
+                params = _sampling_params(req, max_tokens, req.logprobs, choice=j, echo=req.echo)
                 specs.append((ids, params))
         gen = Generation(state, specs)
         meta = {"id": new_id("cmpl"), "created": now(), "model": state.model_name}
@@ -598,10 +598,7 @@ def build_app(state: ServerState, on_load_failure=lambda: None):
         if len(ids) + max(max_tokens, 1) > max_len:
             raise context_error(max_len, len(ids), max_tokens, "messages")
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        specs = [
-            (ids, _sampling_params(req, max_tokens, logprobs, state.loaded.eos_ids, choice=j))
-            for j in range(req.n)
-        ]
+        specs = [(ids, _sampling_params(req, max_tokens, logprobs, choice=j)) for j in range(req.n)]
         gen = Generation(state, specs)
         meta = {"id": new_id("chatcmpl"), "created": now(), "model": state.model_name}
         if req.stream:
