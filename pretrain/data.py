@@ -226,7 +226,9 @@ def _repair_utf8(path: str, out_dir: Path) -> str:
     name = Path(path).name
     for suffix in _COMPRESSED:
         name = name.removesuffix(suffix)
-    target = out_dir / f"{len(list(out_dir.iterdir())):05d}-{name}"
+    target = out_dir / f"{hashlib.sha256(path.encode()).hexdigest()[:12]}-{name}"
+    if target.exists():  # the second pass (after tokenizer training) reuses the copy
+        return str(target)
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     with _open_raw(path) as src, open(target, "w", encoding="utf-8") as dst:
         while chunk := src.read(1 << 24):

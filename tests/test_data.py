@@ -246,6 +246,12 @@ def test_cli_prepare_and_one_line_error(tmp_path, corpus):
     )
     assert bad.returncode == 2
     assert bad.stderr.strip().count("\n") == 0 and "--vocab-size 100 is too small" in bad.stderr
+    hub = subprocess.run(
+        [*cmd[:-1], str(tmp_path / "d2"), "--input", "no-such-user/no-such-dataset"],
+        capture_output=True, text=True, cwd=ROOT, env={**env, "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    assert hub.returncode == 2 and not (tmp_path / "d2").exists()
+    assert "could not load the Hugging Face dataset no-such-user/no-such-dataset" in hub.stderr
 
 
 @pytest.mark.slow
