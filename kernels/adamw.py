@@ -36,7 +36,7 @@ _N_SCALARS = 7  # per-tensor row of the scalar table, in the order the kernel re
 # Elements per inner iteration and per program (a chunk); the interpreter gets small ones so that
 # tests with small tensors still cross chunk and iteration boundaries.
 GPU_BLOCK, GPU_CHUNK, GPU_NUM_WARPS = 1024, 32768, 4
-INTERPRET_BLOCK, INTERPRET_CHUNK = 64, 256
+INTERPRET_BLOCK, INTERPRET_CHUNK = 256, 1024
 
 
 @triton.jit
