@@ -120,11 +120,14 @@ class ServerProcess:
         import httpx
 
         deadline = time.monotonic() + timeout
+        self.health_seen = []
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"the server exited early:\n{self.output()}")
             try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                r = httpx.get(f"{self.url}/health", timeout=2)
+                self.health_seen.append((r.status_code, r.json().get("status")))
+                if r.status_code == 200:
                     return self
             except httpx.HTTPError:
                 pass
