@@ -240,3 +240,60 @@ def test_tiny_transformer_training_matches_torch_adamw():
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-5, atol=1e-5)
     for p, q in zip(model.parameters(), ref_model.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def _fsdp_worker(rank: int, world_size: int, store_path: str) -> None:
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    dist.init_process_group(
+        "gloo", init_method=f"file://{store_path}", rank=rank, world_size=world_size
+    )
+    try:
+        ref_model = _model()
+        model = copy.deepcopy(ref_model)
+        fully_shard(model[0])
+        fully_shard(model)
+        assert isinstance(model[0].weight, DTensor)
+        assert model[0].weight.to_local().shape[0] == 70 // world_size
+        opt = AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, backend="triton")
+        ref_opt = torch.optim.AdamW(ref_model.parameters(), lr=1e-2, weight_decay=0.1)
+        # Every rank sees the same batch, so FSDP's averaged gradient is the single-process one.
+        for m, o in ((model, opt), (ref_model, ref_opt)):
+            gen = torch.Generator().manual_seed(1)
+            for _ in range(3):
+                x, y = _batch(gen)
+                o.zero_grad()
+                (m(x) - y).pow(2).mean().backward()
+                torch.nn.utils.clip_grad_norm_(m.parameters(), 0.5)
+                o.step()
+        for p, q in zip(model.parameters(), ref_model.parameters()):
+            torch.testing.assert_close(p.full_tensor(), q, rtol=1e-5, atol=1e-6)
+            for key in ("exp_avg", "exp_avg_sq"):
+                assert isinstance(opt.state[p][key], DTensor)
+                torch.testing.assert_close(
+                    opt.state[p][key].full_tensor(), ref_opt.state[q][key], rtol=1e-4, atol=1e-9
+                )
+        state = get_optimizer_state_dict(model, opt)["state"]["0.weight"]
+        assert state.keys() == {"step", "exp_avg", "exp_avg_sq"}
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp2_parameters_with_clipping_match_torch_adamw_in_one_process(tmp_path):
+    """FSDP2 on a world of one: DTensor parameters, gradients and states, in this process."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialized in this process")
+    _fsdp_worker(0, 1, str(tmp_path / "store"))
+
+
+@pytest.mark.slow
+def test_fsdp2_sharded_parameters_with_clipping_match_torch_adamw(tmp_path):
+    """Two real gloo ranks: the step runs on each local shard; states stay sharded DTensors."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_fsdp_worker, args=(2, str(tmp_path / "store")), nprocs=2, join=True)
