@@ -16,6 +16,7 @@ torch.distributed.checkpoint saves and reshards them the same way.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -152,29 +153,37 @@ def _fits_kernel(u: _Update) -> bool:
     )
 
 
+@functools.lru_cache(maxsize=16)
+def _size_tables(
+    numels: tuple[int, ...], chunk: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Element counts and the (tensor, chunk) list, kept on the device while sizes stay the same."""
+    chunks = [(i, c) for i, n in enumerate(numels) for c in range(triton.cdiv(n, chunk))]
+    return (
+        torch.tensor(numels, dtype=torch.int64, device=device),
+        torch.tensor(chunks, dtype=torch.int32, device=device).reshape(-1, 2),
+    )
+
+
 def _launch(updates: list[_Update]) -> None:
     """One kernel launch for tensors sharing device, param dtype and grad dtype."""
     first = updates[0]
     device = first.param.device
     block, chunk, num_warps = _kernel_config(device)
-    addresses, numels, scalars, chunks = [], [], [], []
-    for i, u in enumerate(updates):
-        n = u.param.numel()
+    addresses, scalars = [], []
+    for u in updates:
         addresses += [u.param.data_ptr(), u.grad.data_ptr()]
         addresses += [u.exp_avg.data_ptr(), u.exp_avg_sq.data_ptr()]
-        numels.append(n)
         scalars += u.scalars
-        for c in range(triton.cdiv(n, chunk)):
-            chunks += [i, c]
+    numels, chunks = _size_tables(tuple(u.param.numel() for u in updates), chunk, device)
+    # Addresses change whenever gradients are reallocated and scalars with every step.
     table = torch.tensor(addresses, dtype=torch.int64).to(device, non_blocking=True)
-    numels_t = torch.tensor(numels, dtype=torch.int64).to(device, non_blocking=True)
     scalars_t = torch.tensor(scalars, dtype=torch.float32).to(device, non_blocking=True)
-    chunks_t = torch.tensor(chunks, dtype=torch.int32).to(device, non_blocking=True)
-    _adamw_multi_tensor_kernel[(len(chunks) // 2,)](
+    _adamw_multi_tensor_kernel[(chunks.shape[0],)](
         table,
-        numels_t,
+        numels,
         scalars_t,
-        chunks_t,
+        chunks,
         PARAM_DTYPE=_KERNEL_DTYPES[first.param.dtype],
         GRAD_DTYPE=_KERNEL_DTYPES[first.grad.dtype],
         BLOCK=block,

@@ -193,7 +193,7 @@ class _RopeFunction(torch.autograd.Function):
         return dq_in, dk_in, None, None
 
 
-def _fits_kernel(q, k, cos) -> bool:
+def _fits_kernel(q, k, cos, sin) -> bool:
     return (
         q.dim() == 4
         and k.dim() == 4
@@ -203,8 +203,9 @@ def _fits_kernel(q, k, cos) -> bool:
         and q.shape[2:] == k.shape[2:]
         and q.shape[-1] % 2 == 0
         and q.shape[-1] <= MAX_HEAD_DIM
-        and cos.dim() in (2, 4)
+        and cos.shape == sin.shape
         and cos.shape[-2:] == (q.shape[2], q.shape[-1] // 2)
+        and (cos.dim() == 2 or (cos.dim() == 4 and cos.shape[0] in (1, q.shape[0])))
     )
 
 
@@ -220,7 +221,7 @@ def apply_rope(
 
     cos/sin are (T, D/2) or (B, 1, T, D/2) (from :func:`rope_cos_sin`); they get no gradient.
     """
-    if use_triton(q, backend) and _fits_kernel(q, k, cos):
+    if use_triton(q, backend) and _fits_kernel(q, k, cos, sin):
         return _RopeFunction.apply(q, k, cos, sin)
     return apply_rope_reference(q, k, cos, sin)
 
