@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import os
 import random
 import re
@@ -37,6 +36,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -117,7 +117,7 @@ def find_checkpoint(path: str | Path) -> Path:
 def _read_metadata(path: Path):
     try:
         return dcp.FileSystemReader(str(path)).read_metadata()
-    except Exception as e:
+    except (Exception, CheckpointException) as e:
         raise UserError(f"checkpoint {path} cannot be read (damaged .metadata?): {e}") from None
 
 
@@ -146,11 +146,11 @@ def _dcp_load(state: dict, path: Path) -> None:
             dcp.load(state, checkpoint_id=str(path))
     except UserError:
         raise
-    except Exception as e:
-        message = str(e).strip().splitlines()
+    except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
+        message = [line for line in str(e).strip().splitlines() if line.strip()]
         raise UserError(
             f"checkpoint {path} could not be loaded (damaged or incomplete file?): "
-            f"{message[-1] if message else type(e).__name__}"
+            f"{message[-1][:300] if message else type(e).__name__}"
         ) from None
 
 
@@ -363,24 +363,6 @@ def _is_export_dir(path: Path) -> bool:
     )
 
 
-def _read_export_weights(path: Path) -> dict[str, torch.Tensor]:
-    """Tensors of an export (Hugging Face Llama names) renamed to the model's own names."""
-    from safetensors.torch import load_file
-
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    else:
-        files = ["model.safetensors"]
-    weights: dict[str, torch.Tensor] = {}
-    for name in files:
-        try:
-            weights.update(load_file(str(path / name)))
-        except Exception as e:
-            raise UserError(f"export file {path / name} could not be read: {e}") from None
-    return {k.removeprefix("model."): v for k, v in weights.items()}
-
-
 def load_weights(path: str | Path, model) -> None:
     """Initialise ``model`` from a checkpoint's or an export's weights only (no optimizer/data)."""
     p = Path(path)
@@ -388,9 +370,9 @@ def load_weights(path: str | Path, model) -> None:
         raise UserError(f"checkpoint.init_from: {p} does not exist")
     model_sd = get_model_state_dict(model)
     if _is_export_dir(p):
-        weights = _read_export_weights(p)
-        if "lm_head.weight" not in weights and "embed_tokens.weight" in weights:
-            weights["lm_head.weight"] = weights["embed_tokens.weight"]  # tied in the export
+        from pretrain.export import load_export
+
+        _, weights, _ = load_export(p)  # checksums verified, names mapped back to ours
         for name, tensor in model_sd.items():
             if name not in weights:
                 raise UserError(f"export {p} has no tensor for parameter '{name}'")
@@ -399,7 +381,7 @@ def load_weights(path: str | Path, model) -> None:
                     f"export {p} does not fit the model: parameter '{name}' has shape "
                     f"{list(weights[name].shape)} in the export but {list(tensor.shape)} in the model"
                 )
-        full = {k: weights[k] for k in model_sd}
+        full = {k: weights[k].to(t.dtype) for k, t in model_sd.items()}
         set_model_state_dict(
             model, full, options=StateDictOptions(full_state_dict=True, strict=True)
         )

@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -106,7 +107,9 @@ def load_checkpoint(path: Path) -> dict:
         for k, m in metadata.state_dict_metadata.items()
         if isinstance(m, TensorStorageMetadata) and k.startswith(("model.", "optimizer.state"))
     }
-    dcp.load(state, checkpoint_id=str(path), no_dist=True)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=str(path))
     return state
 
 
