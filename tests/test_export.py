@@ -8,6 +8,7 @@ tied-embedding models, whole or sharded. Damaged exports and bad paths are refus
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import io
 import json
@@ -15,95 +16,56 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 from pretrain import cli
-from pretrain.config import Config, ModelConfig
+from pretrain.config import Config, ModelConfig, load_config
 from pretrain.errors import UserError
 from pretrain.export import load_export, read_export_config, verify_export
 from pretrain.generate import generate, stop_token_ids
 from pretrain.model import Transformer
-from pretrain.tokenizer import CHAT_TEMPLATE, EOS_TOKEN, SPECIAL_TOKENS
+from pretrain.tokenizer import CHAT_TEMPLATE, EOS_TOKEN, load_tokenizer
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 CONFIGS = {
-    "mha": ModelConfig(vocab_size=320, n_layers=2, d_model=64, n_heads=4, n_kv_heads=4, max_seq_len=64),
-    "gqa": ModelConfig(vocab_size=320, n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, max_seq_len=64),
+    "mha": ModelConfig(vocab_size=512, n_layers=2, d_model=64, n_heads=4, n_kv_heads=4, max_seq_len=64),
+    "gqa": ModelConfig(vocab_size=512, n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, max_seq_len=64),
     "tied": ModelConfig(
-        vocab_size=320, n_layers=2, d_model=64, n_heads=4, n_kv_heads=1, max_seq_len=64,
+        vocab_size=512, n_layers=2, d_model=64, n_heads=4, n_kv_heads=1, max_seq_len=64,
         tie_embeddings=True, rope_theta=500000.0,
     ),
 }  # fmt: skip
+RUN_SETTINGS = {
+    "data.seq_len": 32, "train.steps": 3, "train.global_batch_size": 4,
+    "train.micro_batch_size": 2, "train.warmup_steps": 1, "train.lr": 1e-2, "train.device": "cpu",
+    "eval.every": 0, "logging.every": 100, "checkpoint.every": 0,
+}  # fmt: skip
+
+
+def run_overrides(cfg: ModelConfig, data_dir: Path) -> list[tuple[str, str]]:
+    """``(section.key, value)`` pairs for a short training run of ``cfg`` on ``data_dir``."""
+    settings = {f"model.{k}": v for k, v in dataclasses.asdict(cfg).items()}
+    settings |= RUN_SETTINGS | {"data.path": data_dir}
+    return [(k, str(v).lower() if isinstance(v, bool) else str(v)) for k, v in settings.items()]
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    """A small byte-level BPE with the project's special tokens, trained on the spot."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    text = ["The quick brown fox jumps over the lazy dog.", "def add(x, y):\n    return x + y\n"]
-    trainer = trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(text * 50, trainer)
-    return tok
+def tokenizer(tiny_dataset):
+    return load_tokenizer(tiny_dataset)
 
 
-class RandomTokens:
-    """A deterministic stream of random-token batches in the trainer's loader interface."""
-
-    def __init__(self, vocab_size: int, rows: int, seq_len: int, rank: int):
-        self.vocab_size, self.rows, self.seq_len, self.rank = vocab_size, rows, seq_len, rank
-        self.position = 0
-
-    def __next__(self):
-        g = torch.Generator().manual_seed(1000 * self.position + self.rank)
-        self.position += 1
-        tokens = torch.randint(0, self.vocab_size, (self.rows, self.seq_len + 1), generator=g)
-        return SimpleNamespace(inputs=tokens[:, :-1], targets=tokens[:, 1:], doc_ids=None)
-
-    def state_dict(self) -> dict:
-        return {"position": self.position}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.position = state["position"]
-
-
-def train_run(cfg: ModelConfig, run_dir: Path, tokenizer_path: Path, steps: int = 3) -> Path:
-    """A few real optimizer steps of the trainer (on every rank under torchrun); its checkpoint."""
+def train_run(cfg: ModelConfig, data_dir: Path, run_dir: Path) -> Path:
+    """A few real optimizer steps of the trainer on the prepared data; its checkpoint."""
     from pretrain.train import train
 
-    config = Config(model=cfg)
-    config.data.seq_len = 32
-    t = config.train
-    t.steps, t.global_batch_size, t.micro_batch_size, t.warmup_steps, t.device = (
-        steps,
-        4,
-        2,
-        1,
-        "cpu",
-    )
-    t.lr = 1e-2
-    config.eval.every, config.logging.every, config.checkpoint.every = 0, 100, 0
-
-    def loader(rank: int, world_size: int) -> RandomTokens:
-        return RandomTokens(cfg.vocab_size, 4 // world_size, 32, rank)
-
+    config = load_config(None, run_overrides(cfg, data_dir))
     with contextlib.redirect_stdout(io.StringIO()):
-        result = train(config, run_dir, make_train_loader=loader, tokenizer_path=tokenizer_path)
-    return result.checkpoint
+        return train(config, run_dir).checkpoint
 
 
 def reference_model(step_dir: Path) -> Transformer:
@@ -121,13 +83,12 @@ def export_cli(*args: str) -> int:
 
 
 @pytest.fixture(scope="module")
-def exports(tokenizer, tmp_path_factory):
+def exports(tiny_dataset, tmp_path_factory):
     """For each config: (trained model, its export directory written by ``pretrain export``)."""
     out = {}
     for name, cfg in CONFIGS.items():
         base = tmp_path_factory.mktemp(name)
-        tokenizer.save(str(base / "tokenizer.json"))
-        step_dir = train_run(cfg, base / "run", base / "tokenizer.json")
+        step_dir = train_run(cfg, tiny_dataset, base / "run")
         model = reference_model(step_dir)
         assert not torch.equal(model.norm.weight, torch.ones_like(model.norm.weight))  # trained
         assert export_cli(base / "run", "--out", base / "export") == 0
@@ -216,7 +177,7 @@ def test_export_layout_config_and_checksums(exports, tokenizer):
             assert hashlib.sha256((export_dir / file).read_bytes()).hexdigest() == digest
 
     hf_tok = AutoTokenizer.from_pretrained(export_dir)
-    text = "The quick brown fox, def add"
+    text = "The model learns the next token, café ∑"
     assert hf_tok(text).input_ids == tokenizer.encode(text).ids
     assert hf_tok.eos_token == EOS_TOKEN
     assert (
@@ -241,7 +202,9 @@ def test_sharded_bf16_export(exports, tmp_path):
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) > 2 and not (out / "model.safetensors").exists()
-    assert all((out / s).stat().st_size <= 40_000 + 4096 for s in shards[:-1])
+    for shard in shards:  # within the limit (plus its header), or one tensor bigger than it
+        tensors = [k for k, v in index["weight_map"].items() if v == shard]
+        assert (out / shard).stat().st_size <= 40_000 + 4096 or len(tensors) == 1
     verify_export(out)
 
     cfg, state_dict, _ = load_export(out)
@@ -260,34 +223,24 @@ def test_sharded_bf16_export(exports, tmp_path):
         ).abs().max() < 1e-4
 
 
-FSDP_TRAIN = """
-import sys
-from pathlib import Path
-
-sys.path.insert(0, sys.argv[1])
-from test_export import CONFIGS, train_run
-
-train_run(CONFIGS["tied"], Path(sys.argv[2]), Path(sys.argv[3]))
-"""
-
-
-def test_two_rank_fsdp_checkpoint_exports_like_one_rank(tokenizer, tmp_path):
-    """A torchrun of the trainer on 2 ranks saves sharded; its export must equal the export of
-    the same weights saved by one process through the same checkpointer."""
+def test_two_rank_fsdp_checkpoint_exports_like_one_rank(tiny_dataset, tmp_path):
+    """``torchrun -m pretrain.train`` on 2 ranks saves sharded; its export must equal the export
+    of the same weights saved by one process through the same checkpointer."""
     from pretrain.checkpoint import Checkpointer
     from pretrain.export import resolve_checkpoint
     from pretrain.parallel import DistInfo
 
-    tokenizer.save(str(tmp_path / "tokenizer.json"))
-    script = tmp_path / "fsdp_train.py"
-    script.write_text(FSDP_TRAIN)
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "OMP_NUM_THREADS": "1"}
+    overrides = [
+        arg for k, v in run_overrides(CONFIGS["tied"], tiny_dataset) for arg in (f"--{k}", v)
+    ]
     done = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         str(script), str(Path(__file__).parent), str(tmp_path / "fsdp"), str(tmp_path / "tokenizer.json")],
-        env=env, capture_output=True, text=True, timeout=300,
+         "-m", "pretrain.train", "--out", str(tmp_path / "fsdp"), *overrides],
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=Path(__file__).parents[1],
+        capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "world size 2" in done.stdout
     step_dir = resolve_checkpoint(tmp_path / "fsdp")
     assert len(list(step_dir.glob("*.distcp"))) == 2
 
@@ -296,7 +249,7 @@ def test_two_rank_fsdp_checkpoint_exports_like_one_rank(tokenizer, tmp_path):
         tmp_path / "single",
         dist_info=DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu")),
         config=Config(model=model.config),
-        tokenizer_path=tmp_path / "tokenizer.json",
+        tokenizer_path=tiny_dataset / "tokenizer.json",
     )
     optimizer = torch.optim.AdamW(model.parameters())
     single.save(3, model, optimizer, {"step": 3, "loader": {}})
@@ -412,7 +365,7 @@ def test_export_command_refuses_bad_paths(exports, tmp_path, capsys):
 
 def test_generate_command_prints_the_greedy_continuation(exports, tokenizer, capsys):
     model, export_dir = exports["gqa"]
-    prompt = "The quick brown"
+    prompt = "Document 7. The model"
     args = ["generate", str(export_dir), "--prompt", prompt, "--max-tokens", "12"]
     assert cli.main([*args, "--temperature", "0"]) == 0
     printed = capsys.readouterr().out
