@@ -2,7 +2,9 @@
 
 Same constructor, update rule and ``state_dict()`` layout as ``torch.optim.AdamW`` (decoupled
 weight decay, bias correction, parameter groups with their own hyperparameters), so checkpoints
-move between the two in both directions. Moments are kept in fp32 whatever the parameter dtype.
+move between the two in both directions. Moments are kept in fp32 whatever the parameter dtype;
+a bf16 or fp16 parameter is updated in fp32 and rounded back once per step (there is no fp32
+master copy: keep parameters in fp32, as FSDP2 mixed precision does, when that matters).
 
 The kernel reads a table with one row per tensor (addresses of param, grad, exp_avg, exp_avg_sq,
 its element count and its step's scalars) and a list of chunks (tensor, chunk index); each program
@@ -32,7 +34,6 @@ _KERNEL_DTYPES = {
     torch.bfloat16: tl.bfloat16,
     torch.float16: tl.float16,
 }
-_N_SCALARS = 7  # per-tensor row of the scalar table, in the order the kernel reads it
 
 # Elements per inner iteration and per program (a chunk); the interpreter gets small ones so that
 # tests with small tensors still cross chunk and iteration boundaries.
@@ -229,6 +230,8 @@ class AdamW(torch.optim.Optimizer):
 
         ``Optimizer.load_state_dict`` casts floating state to the parameter's dtype, which would
         round fp32 moments of bf16 parameters; they are taken from ``state_dict`` once more here.
+        Steps saved by a fused or capturable torch AdamW live on the GPU; they move to the CPU,
+        where reading them each step costs no device synchronization.
         """
         for group in state_dict["param_groups"]:
             for unsupported in ("amsgrad", "maximize"):
@@ -244,9 +247,12 @@ class AdamW(torch.optim.Optimizer):
             saved = state_dict["state"].get(saved_id)
             if saved is None:
                 continue
+            state = self.state[p]
             for key in _STATE_KEYS:
                 if key in saved:
-                    self.state[p][key] = saved[key].to(device=p.device, dtype=torch.float32)
+                    state[key] = saved[key].to(device=p.device, dtype=torch.float32)
+            if "step" in state:
+                state["step"] = torch.tensor(float(state["step"]), dtype=torch.float32)
 
     def _init_state(self, p: torch.Tensor) -> dict[str, Any]:
         state = self.state[p]

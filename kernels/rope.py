@@ -183,6 +183,8 @@ class _RopeFunction(torch.autograd.Function):
     def forward(ctx, q, k, cos, sin):
         B, _, T, _ = q.shape
         cos4, sin4 = _cos_sin_rows(cos, B, T), _cos_sin_rows(sin, B, T)
+        if cos4.stride() != sin4.stride():  # the kernel reads both with one set of strides
+            cos4, sin4 = cos4.contiguous(), sin4.contiguous()
         ctx.save_for_backward(cos4, sin4)
         return _rope_launch(q, k, cos4, sin4, backward=False)
 
