@@ -1,15 +1,31 @@
 """Scaled dot-product attention: causal, grouped-query, optionally masked per document.
 
 Layout and semantics follow ``torch.nn.functional.scaled_dot_product_attention``:
-q is (B, Hq, T, D), k and v are (B, Hkv, S, D) with Hq a multiple of Hkv.
+q is (B, Hq, T, D), k and v are (B, Hkv, S, D) with Hq a multiple of Hkv. With T < S the queries
+are the last T of the S key positions (decoding against a cache).
+
+The Triton path is FlashAttention-2: the forward pass streams key/value blocks through an online
+softmax and saves one log-sum-exp per query row; the backward pass recomputes the probabilities
+block by block (a pre-pass computes rowsum(dO * O)), one kernel accumulating dK/dV per key block
+over every query head of its group (no repeated K/V in memory, no atomics), another dQ per query
+block. Key blocks a query block cannot see are never visited: those past the causal diagonal and,
+with ``doc_ids``, those outside the span of the block's documents.
 """
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 
-from kernels._backend import use_triton
+from kernels._backend import INTERPRET, use_triton
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - triton is a Linux-only dependency
+    triton = None
 
 
 def attention_mask(
@@ -62,10 +78,787 @@ def attention(
     scale: float | None = None,
     backend: str | None = None,
 ) -> torch.Tensor:
-    """Exact attention; the Triton flash-attention kernel on CUDA, the reference elsewhere."""
+    """Exact attention; the Triton flash-attention kernel on CUDA, the reference elsewhere.
+
+    ``doc_ids`` (B, S) gives each key position a document id; a query attends only to keys of its
+    own document. ``scale`` defaults to 1/sqrt(D). Shapes the kernel does not cover (head dims
+    other than those of :func:`supported_head_dims`, fp32 on CUDA, T > S) run the reference,
+    with a warning the first time.
+    """
+    _check_shapes(q, k, v, doc_ids)
+    if not use_triton(q, backend):
+        return attention_reference(q, k, v, causal=causal, doc_ids=doc_ids, scale=scale)
+    reason = _unsupported(q, k, v)
+    if reason is not None:
+        _warn_once(reason)
+        return attention_reference(q, k, v, causal=causal, doc_ids=doc_ids, scale=scale)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    spans = _document_spans(doc_ids) if doc_ids is not None else (None, None, None)
+    return _FlashAttention.apply(q, k, v, *spans, bool(causal), scale)
+
+
+def supported_head_dims(on_gpu: bool = not INTERPRET) -> tuple[int, ...]:
+    """Head dims the Triton kernels are built for; the GPU set is the one checked for sm_90."""
+    return (64, 128) if on_gpu else (16, 32, 64, 128)
+
+
+# --------------------------------------------------------------------------- dispatch helpers
+
+
+def _check_shapes(q, k, v, doc_ids) -> None:
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(
+            f"attention takes q (B, Hq, T, D) and k, v (B, Hkv, S, D); got shapes "
+            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    if q.shape[0] != k.shape[0] or k.shape[:3] != v.shape[:3] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(
+            f"q {tuple(q.shape)}, k {tuple(k.shape)} and v {tuple(v.shape)} must share the batch "
+            "size, k and v their heads and length, q and k their head dim"
+        )
     if q.shape[1] % k.shape[1]:
         raise ValueError(
             f"query heads {q.shape[1]} must be a multiple of key/value heads {k.shape[1]}"
         )
-    use_triton(q, backend)  # validates the backend choice; the Triton kernel is not built yet
-    return attention_reference(q, k, v, causal=causal, doc_ids=doc_ids, scale=scale)
+    if doc_ids is not None and tuple(doc_ids.shape) != (k.shape[0], k.shape[2]):
+        raise ValueError(
+            f"doc_ids must have shape (B, S) = {(k.shape[0], k.shape[2])}, one id per key "
+            f"position; got {tuple(doc_ids.shape)}"
+        )
+
+
+def _unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
+    """Why the Triton kernel cannot take these inputs, or None when it can."""
+    D, T, S = q.shape[-1], q.shape[-2], k.shape[-2]
+    on_gpu = q.is_cuda and not INTERPRET
+    dtypes = (torch.bfloat16, torch.float16) if on_gpu else _CPU_DTYPES
+    if D not in supported_head_dims(on_gpu) or v.shape[-1] != D:
+        return f"head dim {D} (kernel head dims: {supported_head_dims(on_gpu)})"
+    if q.dtype not in dtypes or k.dtype != q.dtype or v.dtype != q.dtype:
+        return f"dtypes {q.dtype}/{k.dtype}/{v.dtype} on {q.device.type} (kernel dtypes: {dtypes})"
+    if T > S or T == 0:
+        return f"{T} queries against {S} keys"
+    if not (q.device == k.device == v.device):
+        return "q, k and v on different devices"
+    return None
+
+
+_CPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_warned: set[str] = set()
+
+
+def _warn_once(reason: str) -> None:
+    if reason not in _warned:
+        _warned.add(reason)
+        warnings.warn(
+            f"kernels.attention: the Triton kernel does not cover {reason}; "
+            "using the PyTorch reference",
+            stacklevel=3,
+        )
+
+
+def _document_spans(doc_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Dense int32 document ids and, per position, the span [lo, hi) holding its document.
+
+    ``lo``/``hi`` are the first and one past the last position of the same id in the row, so for
+    packed sequences (each document contiguous) they bound the document exactly, and for ids that
+    recur they still cover every key of that id; the kernels skip key blocks outside the span and
+    mask by id inside it. Computed with a stable sort, no host synchronisation.
+    """
+    B, S = doc_ids.shape
+    sorted_ids, order = torch.sort(doc_ids, dim=1, stable=True)
+    starts = torch.ones_like(sorted_ids, dtype=torch.bool)
+    starts[:, 1:] = sorted_ids[:, 1:] != sorted_ids[:, :-1]
+    group = starts.cumsum(1) - 1  # dense id of each sorted position
+    first = torch.full_like(order, S).scatter_reduce(1, group, order, "amin")
+    last = torch.full_like(order, -1).scatter_reduce(1, group, order, "amax")
+    dense = torch.empty_like(group).scatter_(1, order, group)
+    lo, hi = first.gather(1, dense), last.gather(1, dense) + 1
+    return (
+        dense.to(torch.int32).contiguous(),
+        lo.to(torch.int32).contiguous(),
+        hi.to(torch.int32).contiguous(),
+    )
+
+
+def _empty(shape, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Every buffer a kernel fills is made here (tests poison it to catch unwritten elements)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _rows_contiguous(x: torch.Tensor) -> torch.Tensor:
+    """The kernels index (batch, head, position) by stride and need unit stride along D."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+# --------------------------------------------------------------------------- tile choice
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and head dim, for Hopper. Each was compiled
+# for sm_90 (scripts/check_kernels_sm90.py): no register spills, HGMMA in every matrix product.
+_GPU_TILES = {
+    64: {
+        "fwd": (128, 64, 8, 3),
+        "dkdv": (64, 128, 8, 3),
+        "dq": (128, 64, 8, 3),
+        "delta": (128, 0, 4, 1),
+    },
+    128: {
+        "fwd": (128, 64, 8, 3),
+        "dkdv": (32, 128, 8, 3),
+        "dq": (128, 64, 8, 3),
+        "delta": (128, 0, 8, 1),
+    },
+}
+# The interpreter costs about the same per (program x block) whatever the tile: small tiles keep
+# the ragged edges of small test shapes exercised.
+_INTERPRET_TILES = {"fwd": (32, 32, 4, 1), "dkdv": (32, 32, 4, 1), "dq": (32, 32, 4, 1)}
+_INTERPRET_TILES["delta"] = (32, 0, 4, 1)
+
+
+def _tiles_for(head_dim: int, interpret: bool) -> dict[str, tuple[int, int, int, int]]:
+    return _INTERPRET_TILES if interpret else _GPU_TILES[head_dim]
+
+
+# --------------------------------------------------------------------------- autograd
+
+
+class _FlashAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, doc, doc_lo, doc_hi, causal: bool, scale: float):
+        q, k, v = _rows_contiguous(q), _rows_contiguous(k), _rows_contiguous(v)
+        o, lse = _flash_forward(q, k, v, (doc, doc_lo, doc_hi), causal, scale)
+        ctx.save_for_backward(q, k, v, o, lse, doc, doc_lo, doc_hi)
+        ctx.causal, ctx.scale = causal, scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, doc, doc_lo, doc_hi = ctx.saved_tensors
+        dq, dk, dv = _flash_backward(
+            _rows_contiguous(do), q, k, v, o, lse, (doc, doc_lo, doc_hi), ctx.causal, ctx.scale
+        )
+        return dq, dk, dv, None, None, None, None, None
+
+
+def _doc_args(spans, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if spans[0] is not None:
+        return spans
+    unused = torch.zeros(1, dtype=torch.int32, device=device)  # never read when HAS_DOC is off
+    return unused, unused, unused
+
+
+def _bh_strides(x: torch.Tensor) -> tuple[int, int, int]:
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
+def _flash_forward(q, k, v, spans, causal: bool, scale: float):
+    B, H, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    # O is laid out (B, T, H, D) so that merging the heads afterwards is a free view.
+    o = _empty((B, T, H, D), dtype=q.dtype, device=q.device).transpose(1, 2)
+    lse = _empty((B, H, T), dtype=torch.float32, device=q.device)
+    bm, bn, warps, stages = _tiles_for(D, INTERPRET)["fwd"]
+    grid = (B * H, triton.cdiv(T, bm))
+    _attn_fwd_kernel[grid](
+        q, k, v, o, lse, *_doc_args(spans, q.device),
+        *_bh_strides(q), *_bh_strides(k), *_bh_strides(v), *_bh_strides(o),
+        H, H // Hkv, T, S, scale,
+        HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, CAUSAL=causal, HAS_DOC=spans[0] is not None,
+        UPCAST=INTERPRET, num_warps=warps, num_stages=stages,
+    )  # fmt: skip
+    return o, lse
+
+
+def _flash_backward(do, q, k, v, o, lse, spans, causal: bool, scale: float):
+    B, H, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    tiles = _tiles_for(D, INTERPRET)
+    has_doc = spans[0] is not None
+    doc = _doc_args(spans, q.device)
+
+    delta = _empty((B, H, T), dtype=torch.float32, device=q.device)
+    bm, _, warps, stages = tiles["delta"]
+    _attn_bwd_delta_kernel[(B * H, triton.cdiv(T, bm))](
+        o, do, delta, *_bh_strides(o), *_bh_strides(do), H, T,
+        HEAD_DIM=D, BLOCK_M=bm, num_warps=warps, num_stages=stages,
+    )  # fmt: skip
+
+    dk = _empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = _empty(v.shape, dtype=v.dtype, device=v.device)
+    bm, bn, warps, stages = tiles["dkdv"]
+    _attn_bwd_dkdv_kernel[(B * Hkv, triton.cdiv(S, bn))](
+        q, k, v, do, lse, delta, dk, dv, *doc,
+        *_bh_strides(q), *_bh_strides(k), *_bh_strides(v), *_bh_strides(do),
+        *_bh_strides(dk), *_bh_strides(dv),
+        H, Hkv, H // Hkv, T, S, scale,
+        HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, CAUSAL=causal, HAS_DOC=has_doc, UPCAST=INTERPRET,
+        num_warps=warps, num_stages=stages,
+    )  # fmt: skip
+
+    dq = _empty(q.shape, dtype=q.dtype, device=q.device)
+    bm, bn, warps, stages = tiles["dq"]
+    _attn_bwd_dq_kernel[(B * H, triton.cdiv(T, bm))](
+        q, k, v, do, lse, delta, dq, *doc,
+        *_bh_strides(q), *_bh_strides(k), *_bh_strides(v), *_bh_strides(do), *_bh_strides(dq),
+        H, H // Hkv, T, S, scale,
+        HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, CAUSAL=causal, HAS_DOC=has_doc, UPCAST=INTERPRET,
+        num_warps=warps, num_stages=stages,
+    )  # fmt: skip
+    return dq, dk, dv
+
+
+# --------------------------------------------------------------------------- Triton kernels
+#
+# Conventions: every (batch, head) matrix is addressed as base + position * stride_t + column,
+# positions past the end are masked on load and store. Scores are kept in base 2: with
+# qk_scale = scale * log2(e), p = exp2(s * qk_scale - m), and the saved LSE is in the same units.
+# The running max starts at -1e30, not -inf, so a row whose keys are all masked so far gives
+# exp2(-inf - m) = 0 instead of NaN. UPCAST (the interpreter) converts tiles to fp32 right after
+# loading, because the interpreter computes bf16 arithmetic on raw bits; on the GPU tl.dot takes
+# bf16/fp16 operands and accumulates in fp32.
+
+if triton is not None:
+
+    @triton.jit
+    def _key_range(
+        start_m,
+        T,
+        S,
+        doc_lo_row,
+        doc_hi_row,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        CAUSAL: tl.constexpr,
+        HAS_DOC: tl.constexpr,
+    ):
+        """Keys [lo, hi) that queries [start_m, start_m + BLOCK_M) may see, split at ``mid``.
+
+        Blocks in [lo, mid) lie wholly inside the keys and at or before the causal diagonal of
+        every query row, so they need no causal or bounds mask; [mid, hi) does. lo and mid are
+        multiples of BLOCK_N.
+        """
+        off = S - T  # query row i sits at key position i + off
+        hi = S
+        if CAUSAL:
+            hi = tl.minimum(S, start_m + BLOCK_M + off)
+        lo = 0
+        if HAS_DOC:
+            rows = start_m + tl.arange(0, BLOCK_M)
+            ok = rows < T
+            lo = tl.min(tl.load(doc_lo_row + off + rows, mask=ok, other=S), 0)
+            hi = tl.minimum(hi, tl.max(tl.load(doc_hi_row + off + rows, mask=ok, other=0), 0))
+            lo = lo // BLOCK_N * BLOCK_N
+        if CAUSAL:
+            mid = (start_m + off + 1) // BLOCK_N * BLOCK_N
+        else:
+            mid = S // BLOCK_N * BLOCK_N
+        mid = tl.minimum(mid, hi // BLOCK_N * BLOCK_N)
+        mid = tl.maximum(mid, lo)
+        return lo, mid, hi
+
+    @triton.jit
+    def _query_range(
+        start_n,
+        T,
+        S,
+        doc_lo_row,
+        doc_hi_row,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        CAUSAL: tl.constexpr,
+        HAS_DOC: tl.constexpr,
+    ):
+        """Query rows [lo, hi) that may see keys [start_n, start_n + BLOCK_N); lo is a multiple
+        of BLOCK_M."""
+        off = S - T  # query row i sits at key position i + off
+        lo = 0
+        hi = T
+        if CAUSAL:
+            lo = tl.maximum(start_n - off, 0)
+        if HAS_DOC:
+            keys = start_n + tl.arange(0, BLOCK_N)
+            ok = keys < S
+            lo = tl.maximum(lo, tl.min(tl.load(doc_lo_row + keys, mask=ok, other=S), 0) - off)
+            hi = tl.minimum(hi, tl.max(tl.load(doc_hi_row + keys, mask=ok, other=0), 0) - off)
+        return lo // BLOCK_M * BLOCK_M, hi
+
+    @triton.jit
+    def _fwd_visit(
+        acc,
+        l_i,
+        m_i,
+        q,
+        q_pos,
+        q_doc,
+        k_base,
+        v_base,
+        stride_kt,
+        stride_vt,
+        doc_row,
+        start,
+        end,
+        S,
+        qk_scale,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        EDGE: tl.constexpr,
+        CAUSAL: tl.constexpr,
+        HAS_DOC: tl.constexpr,
+        UPCAST: tl.constexpr,
+    ):
+        """Online softmax over key blocks [start, end); EDGE blocks get the causal/bounds mask."""
+        offs_n = tl.arange(0, BLOCK_N)
+        cols = tl.arange(0, HEAD_DIM)
+        k_ptrs = k_base + offs_n[:, None] * stride_kt + cols[None, :]
+        v_ptrs = v_base + offs_n[:, None] * stride_vt + cols[None, :]
+        for start_n in range(start, end, BLOCK_N):
+            keys = start_n + offs_n
+            in_keys = keys < S
+            k = tl.load(k_ptrs + start_n * stride_kt, mask=in_keys[:, None], other=0.0)
+            v = tl.load(v_ptrs + start_n * stride_vt, mask=in_keys[:, None], other=0.0)
+            if UPCAST:
+                k = k.to(tl.float32)
+                v = v.to(tl.float32)
+            s = tl.dot(q, tl.trans(k))
+            if EDGE:
+                keep = in_keys[None, :]
+                if CAUSAL:
+                    keep = keep & (keys[None, :] <= q_pos[:, None])
+                s = tl.where(keep, s, float("-inf"))
+            if HAS_DOC:
+                k_doc = tl.load(doc_row + keys, mask=in_keys, other=-2)
+                s = tl.where(q_doc[:, None] == k_doc[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+            p = tl.math.exp2(s * qk_scale - m_new[:, None])
+            alpha = tl.math.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+            m_i = m_new
+        return acc, l_i, m_i
+
+    @triton.jit
+    def _attn_fwd_kernel(
+        Q,
+        K,
+        V,
+        OUT,
+        LSE,
+        DOC,
+        DOC_LO,
+        DOC_HI,
+        stride_qb,
+        stride_qh,
+        stride_qt,
+        stride_kb,
+        stride_kh,
+        stride_kt,
+        stride_vb,
+        stride_vh,
+        stride_vt,
+        stride_ob,
+        stride_oh,
+        stride_ot,
+        H,
+        GROUP,
+        T,
+        S,
+        scale,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        CAUSAL: tl.constexpr,
+        HAS_DOC: tl.constexpr,
+        UPCAST: tl.constexpr,
+    ):
+        """O and the log-sum-exp of one query block of one head."""
+        bh = tl.program_id(0)
+        # Under the causal mask the last query blocks see the most keys: start them first.
+        start_m = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M
+        b = (bh // H).to(tl.int64)
+        h = (bh % H).to(tl.int64)
+        hk = h // GROUP
+        doc_row = DOC + b * S
+
+        rows = start_m + tl.arange(0, BLOCK_M)
+        in_rows = rows < T
+        q_pos = rows + (S - T)
+        cols = tl.arange(0, HEAD_DIM)
+        q_ptrs = Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qt + cols[None, :]
+        q = tl.load(q_ptrs, mask=in_rows[:, None], other=0.0)
+        if UPCAST:
+            q = q.to(tl.float32)
+        q_doc = rows
+        if HAS_DOC:
+            q_doc = tl.load(doc_row + q_pos, mask=in_rows, other=-1)
+        lo, mid, hi = _key_range(
+            start_m, T, S, DOC_LO + b * S, DOC_HI + b * S, BLOCK_M, BLOCK_N, CAUSAL, HAS_DOC
+        )
+
+        qk_scale = scale * 1.4426950408889634  # log2(e): scores in base 2
+        m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+        k_base = K + b * stride_kb + hk * stride_kh
+        v_base = V + b * stride_vb + hk * stride_vh
+        acc, l_i, m_i = _fwd_visit(
+            acc, l_i, m_i, q, q_pos, q_doc, k_base, v_base, stride_kt, stride_vt, doc_row,
+            lo, mid, S, qk_scale, HEAD_DIM, BLOCK_N, False, CAUSAL, HAS_DOC, UPCAST,
+        )  # fmt: skip
+        acc, l_i, m_i = _fwd_visit(
+            acc, l_i, m_i, q, q_pos, q_doc, k_base, v_base, stride_kt, stride_vt, doc_row,
+            mid, hi, S, qk_scale, HEAD_DIM, BLOCK_N, True, CAUSAL, HAS_DOC, UPCAST,
+        )  # fmt: skip
+
+        l_i = tl.where(in_rows, l_i, 1.0)  # rows past T saw no key; keep them finite
+        o_ptrs = OUT + b * stride_ob + h * stride_oh + rows[:, None] * stride_ot + cols[None, :]
+        tl.store(o_ptrs, (acc / l_i[:, None]).to(OUT.dtype.element_ty), mask=in_rows[:, None])
+        tl.store(LSE + bh * T + rows, m_i + tl.math.log2(l_i), mask=in_rows)
+
+    @triton.jit
+    def _attn_bwd_delta_kernel(
+        OUT,
+        DO,
+        DELTA,
+        stride_ob,
+        stride_oh,
+        stride_ot,
+        stride_dob,
+        stride_doh,
+        stride_dot,
+        H,
+        T,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+    ):
+        """delta = rowsum(dO * O): the softmax backward's correction term, one per query row."""
+        bh = tl.program_id(0)
+        b = (bh // H).to(tl.int64)
+        h = (bh % H).to(tl.int64)
+        rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+        in_rows = rows < T
+        cols = tl.arange(0, HEAD_DIM)
+        o_ptrs = OUT + b * stride_ob + h * stride_oh + rows[:, None] * stride_ot + cols[None, :]
+        do_ptrs = DO + b * stride_dob + h * stride_doh + rows[:, None] * stride_dot + cols[None, :]
+        o = tl.load(o_ptrs, mask=in_rows[:, None], other=0.0).to(tl.float32)
+        do = tl.load(do_ptrs, mask=in_rows[:, None], other=0.0).to(tl.float32)
+        tl.store(DELTA + bh * T + rows, tl.sum(o * do, 1), mask=in_rows)
+
+    @triton.jit
+    def _attn_bwd_dkdv_kernel(
+        Q,
+        K,
+        V,
+        DO,
+        LSE,
+        DELTA,
+        DK,
+        DV,
+        DOC,
+        DOC_LO,
+        DOC_HI,
+        stride_qb,
+        stride_qh,
+        stride_qt,
+        stride_kb,
+        stride_kh,
+        stride_kt,
+        stride_vb,
+        stride_vh,
+        stride_vt,
+        stride_dob,
+        stride_doh,
+        stride_dot,
+        stride_dkb,
+        stride_dkh,
+        stride_dkt,
+        stride_dvb,
+        stride_dvh,
+        stride_dvt,
+        H,
+        H_KV,
+        GROUP,
+        T,
+        S,
+        scale,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        CAUSAL: tl.constexpr,
+        HAS_DOC: tl.constexpr,
+        UPCAST: tl.constexpr,
+    ):
+        """dK, dV of one key block of one kv head, summed over the GROUP query heads sharing it.
+
+        Computed transposed (keys as rows) so that every product has the key block as its M
+        dimension. One flat loop walks (query head, query block) pairs: one loop keeps register
+        pressure low enough for Hopper tiles. Query rows past T load as zeros (q, dO, lse,
+        delta) and add nothing.
+        """
+        bh = tl.program_id(0)
+        start_n = tl.program_id(1) * BLOCK_N
+        b = (bh // H_KV).to(tl.int64)
+        hk = (bh % H_KV).to(tl.int64)
+        keys = start_n + tl.arange(0, BLOCK_N)
+        in_keys = keys < S
+        cols = tl.arange(0, HEAD_DIM)
+        k_ptrs = K + b * stride_kb + hk * stride_kh + keys[:, None] * stride_kt + cols[None, :]
+        v_ptrs = V + b * stride_vb + hk * stride_vh + keys[:, None] * stride_vt + cols[None, :]
+        k = tl.load(k_ptrs, mask=in_keys[:, None], other=0.0)
+        v = tl.load(v_ptrs, mask=in_keys[:, None], other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        doc_row = DOC + b * S
+        k_doc = keys
+        if HAS_DOC:
+            k_doc = tl.load(doc_row + keys, mask=in_keys, other=-2)
+        lo, hi = _query_range(
+            start_n, T, S, DOC_LO + b * S, DOC_HI + b * S, BLOCK_M, BLOCK_N, CAUSAL, HAS_DOC
+        )
+
+        qk_scale = scale * 1.4426950408889634
+        dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+        dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+        offs_m = tl.arange(0, BLOCK_M)
+        q_offs = offs_m[:, None] * stride_qt + cols[None, :]
+        do_offs = offs_m[:, None] * stride_dot + cols[None, :]
+        n_blocks = tl.cdiv(tl.maximum(hi - lo, 0), BLOCK_M)
+        for it in range(0, GROUP * n_blocks):
+            g = it // n_blocks
+            start_m = lo + (it - g * n_blocks) * BLOCK_M
+            h = hk * GROUP + g
+            rows = start_m + offs_m
+            in_rows = rows < T
+            q_head = Q + b * stride_qb + h * stride_qh + start_m * stride_qt
+            do_head = DO + b * stride_dob + h * stride_doh + start_m * stride_dot
+            q = tl.load(q_head + q_offs, mask=in_rows[:, None], other=0.0)
+            do = tl.load(do_head + do_offs, mask=in_rows[:, None], other=0.0)
+            if UPCAST:
+                q = q.to(tl.float32)
+                do = do.to(tl.float32)
+            lse = tl.load(LSE + (b * H + h) * T + rows, mask=in_rows, other=0.0)
+            delta = tl.load(DELTA + (b * H + h) * T + rows, mask=in_rows, other=0.0)
+            p_t = tl.math.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :])
+            if CAUSAL:
+                p_t = tl.where(keys[:, None] <= rows[None, :] + (S - T), p_t, 0.0)
+            if HAS_DOC:
+                q_doc = tl.load(doc_row + rows + (S - T), mask=in_rows, other=-1)
+                p_t = tl.where(k_doc[:, None] == q_doc[None, :], p_t, 0.0)
+            dv = tl.dot(p_t.to(do.dtype), do, dv)
+            ds_t = p_t * (tl.dot(v, tl.trans(do)) - delta[None, :])
+            dk = tl.dot(ds_t.to(q.dtype), q, dk)
+
+        dk_ptrs = DK + b * stride_dkb + hk * stride_dkh + keys[:, None] * stride_dkt + cols[None, :]
+        dv_ptrs = DV + b * stride_dvb + hk * stride_dvh + keys[:, None] * stride_dvt + cols[None, :]
+        tl.store(dk_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=in_keys[:, None])
+        tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=in_keys[:, None])
+
+    @triton.jit
+    def _dq_visit(
+        dq,
+        q,
+        do,
+        lse,
+        delta,
+        q_pos,
+        q_doc,
+        k_base,
+        v_base,
+        stride_kt,
+        stride_vt,
+        doc_row,
+        start,
+        end,
+        S,
+        qk_scale,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        EDGE: tl.constexpr,
+        CAUSAL: tl.constexpr,
+        HAS_DOC: tl.constexpr,
+        UPCAST: tl.constexpr,
+    ):
+        """Add key blocks [start, end) to a query block's dQ (before the softmax scale)."""
+        offs_n = tl.arange(0, BLOCK_N)
+        cols = tl.arange(0, HEAD_DIM)
+        k_ptrs = k_base + offs_n[:, None] * stride_kt + cols[None, :]
+        v_ptrs = v_base + offs_n[:, None] * stride_vt + cols[None, :]
+        for start_n in range(start, end, BLOCK_N):
+            keys = start_n + offs_n
+            in_keys = keys < S
+            k = tl.load(k_ptrs + start_n * stride_kt, mask=in_keys[:, None], other=0.0)
+            v = tl.load(v_ptrs + start_n * stride_vt, mask=in_keys[:, None], other=0.0)
+            if UPCAST:
+                k = k.to(tl.float32)
+                v = v.to(tl.float32)
+            p = tl.math.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])
+            if EDGE:
+                keep = in_keys[None, :]
+                if CAUSAL:
+                    keep = keep & (keys[None, :] <= q_pos[:, None])
+                p = tl.where(keep, p, 0.0)
+            if HAS_DOC:
+                k_doc = tl.load(doc_row + keys, mask=in_keys, other=-2)
+                p = tl.where(q_doc[:, None] == k_doc[None, :], p, 0.0)
+            ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
+            dq = tl.dot(ds.to(k.dtype), k, dq)
+        return dq
+
+    @triton.jit
+    def _attn_bwd_dq_kernel(
+        Q,
+        K,
+        V,
+        DO,
+        LSE,
+        DELTA,
+        DQ,
+        DOC,
+        DOC_LO,
+        DOC_HI,
+        stride_qb,
+        stride_qh,
+        stride_qt,
+        stride_kb,
+        stride_kh,
+        stride_kt,
+        stride_vb,
+        stride_vh,
+        stride_vt,
+        stride_dob,
+        stride_doh,
+        stride_dot,
+        stride_dqb,
+        stride_dqh,
+        stride_dqt,
+        H,
+        GROUP,
+        T,
+        S,
+        scale,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        CAUSAL: tl.constexpr,
+        HAS_DOC: tl.constexpr,
+        UPCAST: tl.constexpr,
+    ):
+        """dQ of one query block of one head, over the keys it can see."""
+        bh = tl.program_id(0)
+        start_m = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M
+        b = (bh // H).to(tl.int64)
+        h = (bh % H).to(tl.int64)
+        hk = h // GROUP
+        doc_row = DOC + b * S
+
+        rows = start_m + tl.arange(0, BLOCK_M)
+        in_rows = rows < T
+        q_pos = rows + (S - T)
+        cols = tl.arange(0, HEAD_DIM)
+        q_ptrs = Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qt + cols[None, :]
+        do_ptrs = DO + b * stride_dob + h * stride_doh + rows[:, None] * stride_dot + cols[None, :]
+        q = tl.load(q_ptrs, mask=in_rows[:, None], other=0.0)
+        do = tl.load(do_ptrs, mask=in_rows[:, None], other=0.0)
+        if UPCAST:
+            q = q.to(tl.float32)
+            do = do.to(tl.float32)
+        lse = tl.load(LSE + bh * T + rows, mask=in_rows, other=0.0)
+        delta = tl.load(DELTA + bh * T + rows, mask=in_rows, other=0.0)
+        q_doc = rows
+        if HAS_DOC:
+            q_doc = tl.load(doc_row + q_pos, mask=in_rows, other=-1)
+        lo, mid, hi = _key_range(
+            start_m, T, S, DOC_LO + b * S, DOC_HI + b * S, BLOCK_M, BLOCK_N, CAUSAL, HAS_DOC
+        )
+
+        qk_scale = scale * 1.4426950408889634
+        dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+        k_base = K + b * stride_kb + hk * stride_kh
+        v_base = V + b * stride_vb + hk * stride_vh
+        dq = _dq_visit(
+            dq, q, do, lse, delta, q_pos, q_doc, k_base, v_base, stride_kt, stride_vt, doc_row,
+            lo, mid, S, qk_scale, HEAD_DIM, BLOCK_N, False, CAUSAL, HAS_DOC, UPCAST,
+        )  # fmt: skip
+        dq = _dq_visit(
+            dq, q, do, lse, delta, q_pos, q_doc, k_base, v_base, stride_kt, stride_vt, doc_row,
+            mid, hi, S, qk_scale, HEAD_DIM, BLOCK_N, True, CAUSAL, HAS_DOC, UPCAST,
+        )  # fmt: skip
+        dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqt + cols[None, :]
+        tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=in_rows[:, None])
+
+
+# --------------------------------------------------------------------------- sm_90 builds
+
+
+def sm90_builds() -> list[dict]:
+    """Every configuration the GPU dispatcher can launch, for scripts/check_kernels_sm90.py."""
+    builds = []
+    for d in supported_head_dims(on_gpu=True):
+        tiles = _tiles_for(d, interpret=False)
+        for dtype in ("bf16", "fp16"):
+            bm, _, warps, stages = tiles["delta"]
+            builds.append(
+                _build(
+                    f"delta_d{d}_{dtype}",
+                    _attn_bwd_delta_kernel,
+                    dtype,
+                    warps,
+                    stages,
+                    {"HEAD_DIM": d, "BLOCK_M": bm},
+                    matrix=False,
+                )  # fmt: skip
+            )
+            for causal in (True, False):
+                for has_doc in (False, True):
+                    flags = f"{'causal' if causal else 'full'}{'_doc' if has_doc else ''}"
+                    for kind, fn in (
+                        ("fwd", _attn_fwd_kernel),
+                        ("dkdv", _attn_bwd_dkdv_kernel),
+                        ("dq", _attn_bwd_dq_kernel),
+                    ):
+                        bm, bn, warps, stages = tiles[kind]
+                        consts = {"HEAD_DIM": d, "BLOCK_M": bm, "BLOCK_N": bn, "CAUSAL": causal,
+                                  "HAS_DOC": has_doc, "UPCAST": False}  # fmt: skip
+                        builds.append(
+                            _build(
+                                f"{kind}_d{d}_{dtype}_{flags}",
+                                fn,
+                                dtype,
+                                warps,
+                                stages,
+                                consts,
+                                matrix=True,
+                            )  # fmt: skip
+                        )
+    return builds
+
+
+def _build(name, fn, dtype, num_warps, num_stages, constexprs, *, matrix) -> dict:
+    """One build; the kernels' arguments are tensors of ``dtype`` unless named otherwise below."""
+    signature = {}
+    for arg in fn.arg_names:
+        if arg in constexprs:
+            signature[arg] = "constexpr"
+        elif arg in ("LSE", "DELTA"):
+            signature[arg] = "*fp32"
+        elif arg in ("DOC", "DOC_LO", "DOC_HI"):
+            signature[arg] = "*i32"
+        elif arg == "scale":
+            signature[arg] = "fp32"
+        elif arg in ("H", "H_KV", "GROUP", "T", "S") or arg.startswith("stride_"):
+            signature[arg] = "i32"
+        else:
+            signature[arg] = f"*{dtype}"
+    # The launcher marks pointers and 16-divisible integers; strides of (.., D) rows with D in
+    # {64, 128} always are.
+    aligned = [a for a, t in signature.items() if t.startswith("*") or a.startswith("stride_")]
+    return {
+        "name": name,
+        "fn": fn,
+        "signature": signature,
+        "constexprs": dict(constexprs),
+        "num_warps": num_warps,
+        "num_stages": num_stages,
+        "matrix": matrix,
+        "divisible_by_16": aligned,
+    }
