@@ -7,6 +7,7 @@ several blocks with a partial last one, token counts not a multiple of the chunk
 """
 
 import functools
+import importlib
 import math
 
 import pytest
@@ -14,13 +15,18 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from kernels import cross_entropy as ce_module
 from kernels.cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
 from kernels.rms_norm import rms_norm, rms_norm_reference
 from kernels.rope import apply_rope, apply_rope_reference, rope_cos_sin
 from kernels.swiglu import swiglu
 
-TOL = {torch.float32: 2e-5, torch.float16: 5e-3}
+# The package exports functions under the same names as these modules, hence import_module.
+ce_module = importlib.import_module("kernels.cross_entropy")
+rms_norm_module = importlib.import_module("kernels.rms_norm")
+rope_module = importlib.import_module("kernels.rope")
+
+# bf16: the interpreter truncates fp32 -> bf16 instead of rounding, so allow a few bf16 ulps.
+TOL = {torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 4e-2}
 
 
 def _check_against_float64(op, reference64, inputs, dtype, *, atol_scale=1.0):
@@ -58,8 +64,15 @@ def _rms_norm64(x, w, eps=1e-5):
     return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("shape", [(2, 7, 50), (3, 128)])
+@pytest.mark.parametrize(
+    "shape,dtype",
+    [
+        ((2, 7, 50), torch.float32),
+        ((2, 7, 50), torch.float16),
+        ((2, 7, 50), torch.bfloat16),
+        ((3, 128), torch.float32),
+    ],
+)
 def test_rms_norm_matches_float64(shape, dtype):
     torch.manual_seed(0)
     x, w = torch.randn(shape), 1 + 0.1 * torch.randn(shape[-1])
@@ -96,7 +109,7 @@ def _rope64(q, k, cos, sin):
     return rotate(q), rotate(k)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_rope_matches_float64_with_shared_positions(dtype):
     torch.manual_seed(0)
     B, Hq, Hkv, T, D = 2, 5, 3, 11, 32  # head counts not a multiple of the head block
@@ -146,7 +159,7 @@ def _swiglu64(gate, up):
     return gate * torch.sigmoid(gate) * up
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_swiglu_matches_float64(dtype):
     torch.manual_seed(0)
     gate, up = 3 * torch.randn(3, 5, 173), torch.randn(3, 5, 173)  # 2595: several ragged blocks
@@ -256,6 +269,28 @@ def test_linear_cross_entropy_rejects_bad_shapes_and_reduction():
         linear_cross_entropy(hidden, weight, targets[:-1], backend="triton")
     with pytest.raises(ValueError, match="dtype"):
         linear_cross_entropy(hidden, weight.double(), targets, backend="triton")
+
+
+# Build lists for the sm_90 checker ----------------------------------------------------------------
+
+
+def test_sm90_builds_cover_every_configuration_the_dispatchers_pick():
+    def configs(module, key):
+        builds = module.sm90_builds()
+        for b in builds:
+            assert set(b["signature"]) >= set(b["constexprs"])
+            assert all(b["signature"][name] == "constexpr" for name in b["constexprs"])
+        return {(b["constexprs"][key], b["num_warps"]) for b in builds}
+
+    rms = configs(rms_norm_module, "BLOCK_N")
+    for n in [1, 100, 128, 129, 1000, 2048, 3000, 4096, 5000, rms_norm_module.MAX_FEATURES]:
+        assert rms_norm_module.kernel_config(n) in rms
+    rope = configs(rope_module, "BLOCK_HALF")
+    for head_dim in range(2, rope_module.MAX_HEAD_DIM + 1, 2):
+        block_half, _, num_warps = rope_module.kernel_config(head_dim, torch.device("cuda"))
+        assert (block_half, num_warps) in rope
+    ce = configs(ce_module, "BLOCK_V")
+    assert ce_module.kernel_config(torch.device("cuda")) in ce
 
 
 # Dispatch and use inside the model ---------------------------------------------------------------
