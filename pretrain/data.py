@@ -368,6 +368,12 @@ def _batches(texts: Iterable[str], max_chars: int = BATCH_TEXT_CHARS) -> Iterato
         yield batch
 
 
+def default_num_proc() -> int:
+    """One tokenizer process per available core (at most 32)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(32, cores or 1))
+
+
 def tokenize_batches(
     tokenizer_json: str, batches: Iterable[list[str]], eos_id: int, dtype, num_proc: int
 ) -> Iterator[tuple[list[str], np.ndarray, list]]:
@@ -375,7 +381,8 @@ def tokenize_batches(
 
     With ``num_proc == 1`` the tokenizer's own thread pool uses every core; with more, that many
     single-threaded worker processes take batches, at most two each in flight (so a streamed
-    corpus is never read far ahead of the writer).
+    corpus is never read far ahead of the writer). The processes are faster (scripts/bench_data.py):
+    the thread pool waits for the longest document of every batch.
     """
     if num_proc == 1:
         tokenizer = _make_encoder(tokenizer_json)
@@ -723,7 +730,7 @@ def prepare_dataset(
     tokenizer: str | Path | None = None,
     val_fraction: float = DEFAULT_VAL_FRACTION,
     shard_tokens: int = DEFAULT_SHARD_TOKENS,
-    num_proc: int = 1,
+    num_proc: int | None = None,
     overwrite: bool = False,
     streaming: bool = False,
     show_progress: bool | None = None,
@@ -748,6 +755,7 @@ def prepare_dataset(
         raise UserError(f"--val-fraction must be in [0, 1), got {val_fraction}")
     if shard_tokens < 1:
         raise UserError(f"--shard-tokens must be at least 1, got {shard_tokens}")
+    num_proc = default_num_proc() if num_proc is None else num_proc
     if num_proc < 1:
         raise UserError(f"--num-proc must be at least 1, got {num_proc}")
     if show_progress is None:
@@ -1065,7 +1073,11 @@ class WindowPlan:
         return out
 
     def rows(self, first: int, count: int, with_doc_ids: bool) -> tuple:
-        """Inputs, targets (and doc ids) of global samples ``first .. first + count - 1``."""
+        """Inputs, targets (and doc ids) of global samples ``first .. first + count - 1``.
+
+        NumPy arrays, not tensors: from a worker process they travel pickled through a pipe,
+        which for batches this size is several times faster than torch's shared-memory tensors.
+        """
         T = self.seq_len
         inputs = np.empty((count, T), dtype=np.int64)
         targets = np.empty((count, T), dtype=np.int64)
@@ -1079,13 +1091,7 @@ class WindowPlan:
             if doc_ids is not None:
                 self.stream.doc_index(start, T, doc_ids[row])
                 doc_ids[row] -= doc_ids[row, 0]
-        import torch
-
-        return (
-            torch.from_numpy(inputs),
-            torch.from_numpy(targets),
-            None if doc_ids is None else torch.from_numpy(doc_ids),
-        )
+        return inputs, targets, doc_ids
 
 
 class _RankBatches:
@@ -1101,6 +1107,10 @@ class _RankBatches:
         local = self.global_batch // self.world
         first = self.start + k * self.global_batch + self.rank * local
         return self.plan.rows(first, local, self.with_doc_ids)
+
+
+def _as_is(batch: tuple) -> tuple:
+    return batch
 
 
 class TokenLoader:
@@ -1175,28 +1185,37 @@ class TokenLoader:
         return self
 
     def __next__(self) -> Batch:
+        import torch  # here rather than at the top: `pretrain prepare` never needs it
+
+        inputs, targets, doc_ids = self._next_rows()
+        self.position += self.batch_size
+        return Batch(
+            torch.from_numpy(inputs),
+            torch.from_numpy(targets),
+            None if doc_ids is None else torch.from_numpy(doc_ids),
+        )
+
+    def _next_rows(self) -> tuple:
         batches = _RankBatches(
             self.plan, self.position, self.batch_size, self.rank, self.world_size,
             self.return_doc_ids,
         )  # fmt: skip
         if self.num_workers == 0:
-            inputs, targets, doc_ids = batches[0]
-        else:
-            if self._workers is None:
-                from torch.utils.data import DataLoader
+            return batches[0]
+        if self._workers is None:  # started here, at the position to continue from
+            from torch.utils.data import DataLoader
 
-                self._workers = iter(
-                    DataLoader(
-                        batches,
-                        batch_size=None,
-                        sampler=itertools.count(),
-                        num_workers=self.num_workers,
-                        prefetch_factor=4,
-                    )
+            self._workers = iter(
+                DataLoader(
+                    batches,
+                    batch_size=None,
+                    sampler=itertools.count(),
+                    num_workers=self.num_workers,
+                    prefetch_factor=4,
+                    collate_fn=_as_is,
                 )
-            inputs, targets, doc_ids = next(self._workers)
-        self.position += self.batch_size
-        return Batch(inputs, targets, doc_ids)
+            )
+        return next(self._workers)
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -1275,8 +1294,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--num-proc",
         type=int,
-        default=1,
-        help="tokenizer processes (default 1: one process whose tokenizer uses every core)",
+        default=None,
+        help="tokenizer processes (default: one per core; 1: in this process, the tokenizer's "
+        "own threads)",
     )
     parser.add_argument(
         "--streaming",

@@ -41,7 +41,13 @@ def sharded(tmp_path_factory, corpus) -> Path:
     """The corpus in many small shards, so windows cross shard boundaries."""
     out = tmp_path_factory.mktemp("sharded") / "data"
     prepare_dataset(
-        out, [str(corpus[0].parent)], vocab_size=400, val_fraction=0.1, shard_tokens=1500, **QUIET
+        out,
+        [str(corpus[0].parent)],
+        vocab_size=400,
+        val_fraction=0.1,
+        shard_tokens=1500,
+        num_proc=2,
+        **QUIET,
     )
     return out
 
@@ -128,7 +134,7 @@ def test_existing_tokenizer_and_parallel_workers_give_the_same_tokens(tmp_path, 
         [str(corpus[0].parent)],
         tokenizer=sharded / "tokenizer.json",
         val_fraction=0.1,
-        num_proc=2,
+        num_proc=1,  # the fixture used two worker processes
         **QUIET,
     )
     assert load_manifest(out).tokenizer_sha256 == load_manifest(sharded).tokenizer_sha256
