@@ -14,6 +14,7 @@ with ``doc_ids``, those outside the span of the block's documents.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import torch
@@ -94,7 +95,8 @@ def attention(
         return attention_reference(q, k, v, causal=causal, doc_ids=doc_ids, scale=scale)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     spans = _document_spans(doc_ids) if doc_ids is not None else (None, None, None)
-    return _FlashAttention.apply(q, k, v, *spans, bool(causal), scale)
+    out, _ = _flash_attention_forward(q, k, v, *spans, bool(causal), scale)
+    return out
 
 
 def supported_head_dims(on_gpu: bool = not INTERPRET) -> tuple[int, ...]:
@@ -140,6 +142,8 @@ def _unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | Non
         return f"{T} queries against {S} keys"
     if not (q.device == k.device == v.device):
         return "q, k and v on different devices"
+    if max(T * q.stride(2), T * q.shape[1] * D, S * k.stride(2), S * v.stride(2)) >= 2**31:
+        return "sequences whose per-head offsets exceed 32 bits"
     return None
 
 
@@ -222,28 +226,80 @@ def _tiles_for(head_dim: int, interpret: bool) -> dict[str, tuple[int, int, int,
 # --------------------------------------------------------------------------- autograd
 
 
-class _FlashAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, doc, doc_lo, doc_hi, causal: bool, scale: float):
-        q, k, v = _rows_contiguous(q), _rows_contiguous(k), _rows_contiguous(v)
-        o, lse = _flash_forward(q, k, v, (doc, doc_lo, doc_hi), causal, scale)
-        ctx.save_for_backward(q, k, v, o, lse, doc, doc_lo, doc_hi)
-        ctx.causal, ctx.scale = causal, scale
-        return o
+# Custom ops rather than a bare autograd.Function: torch.compile treats them as opaque calls
+# (shapes from the fake functions), so a compiled model never traces into the Triton launches.
 
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, o, lse, doc, doc_lo, doc_hi = ctx.saved_tensors
-        dq, dk, dv = _flash_backward(
-            _rows_contiguous(do), q, k, v, o, lse, (doc, doc_lo, doc_hi), ctx.causal, ctx.scale
-        )
-        return dq, dk, dv, None, None, None, None, None
+
+@torch.library.custom_op(
+    "kernels::flash_attention_forward",
+    mutates_args=(),
+    schema="(Tensor q, Tensor k, Tensor v, Tensor? doc, Tensor? doc_lo, Tensor? doc_hi, "
+    "bool causal, float scale) -> (Tensor, Tensor)",
+)
+def _flash_attention_forward(q, k, v, doc, doc_lo, doc_hi, causal, scale):
+    """(O, LSE): the attention output and each query row's log-sum-exp (base 2, scaled)."""
+    q, k, v = _rows_contiguous(q), _rows_contiguous(k), _rows_contiguous(v)
+    with _on_device(q):
+        return _flash_forward(q, k, v, (doc, doc_lo, doc_hi), causal, scale)
+
+
+@_flash_attention_forward.register_fake
+def _(q, k, v, doc, doc_lo, doc_hi, causal, scale):
+    B, H, T, D = q.shape
+    return q.new_empty((B, T, H, D)).transpose(1, 2), q.new_empty((B, H, T), dtype=torch.float32)
+
+
+@torch.library.custom_op(
+    "kernels::flash_attention_backward",
+    mutates_args=(),
+    schema="(Tensor do, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, Tensor? doc, "
+    "Tensor? doc_lo, Tensor? doc_hi, bool causal, float scale) -> (Tensor, Tensor, Tensor)",
+)
+def _flash_attention_backward(do, q, k, v, o, lse, doc, doc_lo, doc_hi, causal, scale):
+    """(dQ, dK, dV) from dO and what the forward pass saved."""
+    q, k, v, do = (_rows_contiguous(x) for x in (q, k, v, do))
+    with _on_device(q):
+        return _flash_backward(do, q, k, v, o, lse, (doc, doc_lo, doc_hi), causal, scale)
+
+
+@_flash_attention_backward.register_fake
+def _(do, q, k, v, o, lse, doc, doc_lo, doc_hi, causal, scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _save_for_backward(ctx, inputs, output) -> None:
+    q, k, v, doc, doc_lo, doc_hi, causal, scale = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse, doc, doc_lo, doc_hi)
+    ctx.causal, ctx.scale = causal, scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _attention_backward(ctx, do, _lse_grad):
+    q, k, v, o, lse, doc, doc_lo, doc_hi = ctx.saved_tensors
+    dq, dk, dv = _flash_attention_backward(
+        do, q, k, v, o, lse, doc, doc_lo, doc_hi, ctx.causal, ctx.scale
+    )
+    return dq, dk, dv, None, None, None, None, None
+
+
+_flash_attention_forward.register_autograd(_attention_backward, setup_context=_save_for_backward)
+
+
+def _on_device(x: torch.Tensor):
+    """Launch on the tensor's GPU, not the current one (they differ on multi-GPU hosts)."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
+_unused_doc: dict[torch.device, torch.Tensor] = {}
 
 
 def _doc_args(spans, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if spans[0] is not None:
         return spans
-    unused = torch.zeros(1, dtype=torch.int32, device=device)  # never read when HAS_DOC is off
+    if device not in _unused_doc:  # a placeholder pointer, never read when HAS_DOC is off
+        _unused_doc[device] = torch.zeros(1, dtype=torch.int32, device=device)
+    unused = _unused_doc[device]
     return unused, unused, unused
 
 

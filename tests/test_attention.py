@@ -278,3 +278,16 @@ def test_model_training_with_triton_attention_matches_reference(monkeypatch):
     assert losses == pytest.approx(ref_losses, rel=1e-4)
     for name, p in params.items():
         torch.testing.assert_close(p, ref_params[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_custom_ops_pass_opcheck():
+    """Schema, fake (meta) functions and autograd registration agree with the real kernels, which
+    is what lets torch.compile treat the op as one opaque call."""
+    q = torch.randn(1, 2, 16, 16, requires_grad=True)
+    k, v = (torch.randn(1, 1, 16, 16, requires_grad=True) for _ in range(2))
+    spans = attn._document_spans(packed_doc_ids([[5, 11]]))
+    torch.library.opcheck(attn._flash_attention_forward, (q, k, v, *spans, True, 0.25))
+    q, k, v = q.detach(), k.detach(), v.detach()  # the backward op has no gradient itself
+    out, lse = attn._flash_attention_forward(q, k, v, *spans, True, 0.25)
+    args = (torch.randn_like(out), q, k, v, out, lse, *spans, True, 0.25)
+    torch.library.opcheck(attn._flash_attention_backward, args)
