@@ -257,7 +257,7 @@ def _(q, k, v, doc, doc_lo, doc_hi, causal, scale):
 )
 def _flash_attention_backward(do, q, k, v, o, lse, doc, doc_lo, doc_hi, causal, scale):
     """(dQ, dK, dV) from dO and what the forward pass saved."""
-    q, k, v, do = (_rows_contiguous(x) for x in (q, k, v, do))
+    q, k, v, do = (_rows_contiguous(x) for x in (q, k, v, do.to(q.dtype)))
     with _on_device(q):
         return _flash_backward(do, q, k, v, o, lse, (doc, doc_lo, doc_hi), causal, scale)
 
@@ -314,14 +314,13 @@ def _flash_forward(q, k, v, spans, causal: bool, scale: float):
     o = _empty((B, T, H, D), dtype=q.dtype, device=q.device).transpose(1, 2)
     lse = _empty((B, H, T), dtype=torch.float32, device=q.device)
     bm, bn, warps, stages = _tiles_for(D, INTERPRET)["fwd"]
-    grid = (B * H, triton.cdiv(T, bm))
-    _attn_fwd_kernel[grid](
+    args = (
         q, k, v, o, lse, *_doc_args(spans, q.device),
         *_bh_strides(q), *_bh_strides(k), *_bh_strides(v), *_bh_strides(o),
         H, H // Hkv, T, S, scale,
-        HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, CAUSAL=causal, HAS_DOC=spans[0] is not None,
-        UPCAST=INTERPRET, num_warps=warps, num_stages=stages,
     )  # fmt: skip
+    consts = dict(HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, CAUSAL=causal, HAS_DOC=spans[0] is not None)
+    _launch(_attn_fwd_kernel, (B * H, triton.cdiv(T, bm)), args, consts, warps, stages)
     return o, lse
 
 
@@ -329,38 +328,63 @@ def _flash_backward(do, q, k, v, o, lse, spans, causal: bool, scale: float):
     B, H, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     tiles = _tiles_for(D, INTERPRET)
-    has_doc = spans[0] is not None
+    flags = dict(HEAD_DIM=D, CAUSAL=causal, HAS_DOC=spans[0] is not None)
     doc = _doc_args(spans, q.device)
 
     delta = _empty((B, H, T), dtype=torch.float32, device=q.device)
     bm, _, warps, stages = tiles["delta"]
-    _attn_bwd_delta_kernel[(B * H, triton.cdiv(T, bm))](
-        o, do, delta, *_bh_strides(o), *_bh_strides(do), H, T,
-        HEAD_DIM=D, BLOCK_M=bm, num_warps=warps, num_stages=stages,
-    )  # fmt: skip
+    args = (o, do, delta, *_bh_strides(o), *_bh_strides(do), H, T)
+    consts = dict(HEAD_DIM=D, BLOCK_M=bm)
+    _launch(_attn_bwd_delta_kernel, (B * H, triton.cdiv(T, bm)), args, consts, warps, stages)
 
     dk = _empty(k.shape, dtype=k.dtype, device=k.device)
     dv = _empty(v.shape, dtype=v.dtype, device=v.device)
     bm, bn, warps, stages = tiles["dkdv"]
-    _attn_bwd_dkdv_kernel[(B * Hkv, triton.cdiv(S, bn))](
+    args = (
         q, k, v, do, lse, delta, dk, dv, *doc,
         *_bh_strides(q), *_bh_strides(k), *_bh_strides(v), *_bh_strides(do),
         *_bh_strides(dk), *_bh_strides(dv),
         H, Hkv, H // Hkv, T, S, scale,
-        HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, CAUSAL=causal, HAS_DOC=has_doc, UPCAST=INTERPRET,
-        num_warps=warps, num_stages=stages,
     )  # fmt: skip
+    consts = dict(flags, BLOCK_M=bm, BLOCK_N=bn)
+    _launch(_attn_bwd_dkdv_kernel, (B * Hkv, triton.cdiv(S, bn)), args, consts, warps, stages)
 
     dq = _empty(q.shape, dtype=q.dtype, device=q.device)
     bm, bn, warps, stages = tiles["dq"]
-    _attn_bwd_dq_kernel[(B * H, triton.cdiv(T, bm))](
+    args = (
         q, k, v, do, lse, delta, dq, *doc,
         *_bh_strides(q), *_bh_strides(k), *_bh_strides(v), *_bh_strides(do), *_bh_strides(dq),
         H, H // Hkv, T, S, scale,
-        HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, CAUSAL=causal, HAS_DOC=has_doc, UPCAST=INTERPRET,
-        num_warps=warps, num_stages=stages,
     )  # fmt: skip
+    consts = dict(flags, BLOCK_M=bm, BLOCK_N=bn)
+    _launch(_attn_bwd_dq_kernel, (B * H, triton.cdiv(T, bm)), args, consts, warps, stages)
     return dq, dk, dv
+
+
+_stages_that_fit: dict[tuple, int] = {}
+
+
+def _launch(kernel, grid, args, consts: dict, num_warps: int, num_stages: int) -> None:
+    """Launch ``kernel``; on GPUs with less shared memory than Hopper, with fewer stages.
+
+    The tiles are sized for Hopper (227 KB of shared memory per block); where a configuration
+    does not fit (consumer GPUs), the software pipeline is shortened until it does, once per
+    configuration and device.
+    """
+    if kernel is not _attn_bwd_delta_kernel:
+        consts = dict(consts, UPCAST=INTERPRET)
+    key = (kernel, tuple(sorted(consts.items())), args[0].device)
+    stages = _stages_that_fit.get(key, num_stages)
+    while True:
+        try:
+            kernel[grid](*args, **consts, num_warps=num_warps, num_stages=stages)
+        except triton.runtime.errors.OutOfResources:
+            if stages == 1:
+                raise
+            stages -= 1
+            continue
+        _stages_that_fit[key] = stages
+        return
 
 
 # --------------------------------------------------------------------------- Triton kernels

@@ -291,3 +291,25 @@ def test_custom_ops_pass_opcheck():
     out, lse = attn._flash_attention_forward(q, k, v, *spans, True, 0.25)
     args = (torch.randn_like(out), q, k, v, out, lse, *spans, True, 0.25)
     torch.library.opcheck(attn._flash_attention_backward, args)
+
+
+def test_launch_shortens_the_pipeline_where_shared_memory_runs_out(monkeypatch):
+    """Hopper-sized tiles on a GPU with less shared memory: fewer stages, remembered."""
+    import triton
+
+    tried = []
+
+    class SmallGpuKernel:  # stands in for a launch on a GPU that fits only one stage
+        def __getitem__(self, grid):
+            def launch(*args, num_warps, num_stages, **consts):
+                tried.append(num_stages)
+                if num_stages > 1:
+                    raise triton.runtime.errors.OutOfResources(160_000, 101_376, "shared memory")
+
+            return launch
+
+    monkeypatch.setattr(attn, "_stages_that_fit", {})
+    kernel, args = SmallGpuKernel(), (torch.zeros(1),)
+    attn._launch(kernel, (1,), args, {"BLOCK_M": 128}, num_warps=8, num_stages=3)
+    attn._launch(kernel, (1,), args, {"BLOCK_M": 128}, num_warps=8, num_stages=3)
+    assert tried == [3, 2, 1, 1]
