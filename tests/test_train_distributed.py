@@ -4,15 +4,21 @@ resume at the same or another world size. Real torchrun processes on a real prep
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 
 import pytest
 from train_helpers import (
+    ROOT,
     assert_bitwise_equal,
     assert_losses_close,
+    env,
+    free_port,
     load_checkpoint,
     losses,
     records,
     run_train,
+    train_cmd,
 )
 
 
@@ -55,3 +61,33 @@ def test_resume_at_another_world_size_continues_the_same_run(runs, name):
     resumed = losses(runs[name])
     assert sorted(resumed) == list(range(1, 9))
     assert_losses_close(losses(runs["w1"]), resumed, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_two_node_launch_on_one_machine_agrees_with_one_process(tiny_dataset, tmp_path):
+    """Two torchrun agents (--nnodes=2, one rank each) meeting through c10d on 127.0.0.1."""
+    port = free_port()
+    launch = [
+        sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+        "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=two-nodes",
+        "-m", "pretrain.train",
+    ]  # fmt: skip
+    args = train_cmd(tiny_dataset, tmp_path / "run", nproc=1)[
+        4:
+    ]  # drop "python -m pretrain.cli train"
+    nodes = [
+        subprocess.Popen(
+            [*launch, *args],
+            cwd=ROOT,
+            env=env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
+        for _ in range(2)
+    ]
+    outputs = [node.communicate(timeout=300)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs
+    assert "world size 2" in "".join(outputs)
+    run_train(tiny_dataset, tmp_path / "one-process")
+    assert_losses_close(losses(tmp_path / "one-process"), losses(tmp_path / "run"), rtol=1e-4)
