@@ -6,14 +6,15 @@ batch reads slot ``slots[b]`` and attends to its first ``lengths[b]`` positions 
 the output has q's shape and dtype.
 
 The result of a row depends only on that row's query, slot contents and length, never on which
-other rows share the batch: the reference masks a fixed-length (L) score row, and the kernel gives
-each (row, kv head) its own program. That is what lets the server promise that a request's tokens
+other rows share the batch: the reference computes each row by itself, and the kernel gives each
+(row, kv head) its own program. That is what lets the server promise that a request's tokens
 do not depend on its neighbours.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from kernels._backend import use_triton
 
@@ -33,25 +34,22 @@ def decode_attention_reference(
     *,
     scale: float | None = None,
 ) -> torch.Tensor:
-    """Plain PyTorch: scores over the slot's whole length L, positions >= length masked out.
+    """Plain PyTorch, one row at a time over exactly that row's keys.
 
-    Every row does the same amount of work over the same shapes, so its numbers do not depend on
-    the other rows (CPU BLAS paths change with the matrix shape; here the shapes never change).
+    Each row is computed by the same call whatever else is in the batch, so its numbers cannot
+    depend on the other rows (CPU kernels choose their blocking by shape), and no work is spent
+    on the unused end of a slot.
     """
     B, Hq, D = q.shape
-    Hkv, L = k_cache.shape[1], k_cache.shape[2]
-    groups = Hq // Hkv
-    scale = D**-0.5 if scale is None else scale
+    Hkv = k_cache.shape[1]
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-    k = k_cache[slots].to(compute)  # (B, Hkv, L, D)
-    v = v_cache[slots].to(compute)
-    qg = q.to(compute).view(B, Hkv, groups, D)
-    scores = (qg[:, :, :, None, :] * k[:, :, None, :, :]).sum(-1) * scale  # (B, Hkv, G, L)
-    visible = torch.arange(L, device=q.device)[None, :] < lengths.to(q.device)[:, None]
-    scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
-    probs = scores.softmax(dim=-1)
-    out = torch.einsum("bhgl,bhld->bhgd", probs, v)
-    return out.reshape(B, Hq, D).to(q.dtype)
+    out = torch.empty(B, Hq, D, dtype=compute, device=q.device)
+    for b, (slot, n) in enumerate(zip(slots.tolist(), lengths.tolist())):
+        k = k_cache[slot, :, :n].to(compute)  # (Hkv, n, D)
+        v = v_cache[slot, :, :n].to(compute)
+        qb = q[b].to(compute).view(Hkv, Hq // Hkv, D)  # the query heads sharing each kv head
+        out[b] = F.scaled_dot_product_attention(qb, k, v, scale=scale).view(Hq, D)
+    return out.to(q.dtype)
 
 
 if triton is not None:

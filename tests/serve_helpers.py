@@ -10,7 +10,6 @@ from pathlib import Path
 import torch
 
 from pretrain.config import ModelConfig
-from pretrain.tokenizer import SPECIAL_TOKENS
 
 # Text with multi-byte characters, so that byte-level tokens split characters.
 _UNICODE = "naïve café — 日本語のテキスト, emoji 🙂🚀, Ελληνικά, ümlaut ß, ∑ ∫ √ ≠ ≤. "
@@ -29,19 +28,9 @@ def training_text() -> list[str]:
 
 def make_tokenizer(vocab_size: int):
     """A byte-level BPE tokenizer with the project's special tokens, trained in about a second."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from pretrain.tokenizer import train_tokenizer
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(training_text(), trainer)
-    return tok
+    return train_tokenizer(training_text(), vocab_size)
 
 
 def small_model_config(vocab_size: int, **overrides) -> ModelConfig:
