@@ -1,0 +1,639 @@
+"""Benchmark the Triton kernels against PyTorch's own implementations on one CUDA GPU.
+
+Each section runs ours and the baselines side by side in this one process, reports medians
+(``triton.testing.do_bench``, which flushes L2 between runs) and checks correctness on the
+benchmarked inputs:
+
+- attention: causal bf16 forward, backward and forward+backward TFLOP/s of ``kernels.attention``
+  vs ``scaled_dot_product_attention`` with the flash and cuDNN backends, 16k tokens per batch
+  (B x T), T from 1k to 16k, head dim 64 and 128, Hq = Hkv and a GQA case; errors of ours and of
+  SDPA against an fp32 reference.
+- adamw: one optimizer step over the parameter shapes of configs/llama-1b.toml (~1.2B
+  parameters), fp32 and bf16, ``kernels.AdamW`` vs ``torch.optim.AdamW`` fused and foreach;
+  achieved GB/s (bytes each step must move, from the tensors and the optimizer's own state) vs
+  the measured copy bandwidth of the GPU.
+- linear_cross_entropy: 16k tokens, 128k vocabulary, hidden 4096, bf16: time and peak memory of
+  forward+backward vs the unfused ``logits = h @ W.T; cross_entropy(logits.float())``.
+- pointwise: RMSNorm, SwiGLU and RoPE forward and forward+backward GB/s vs the PyTorch reference
+  in eager mode and under ``torch.compile``.
+
+Usage::
+
+    PYTHONPATH=. python scripts/bench_kernels.py --json bench.json
+    PYTHONPATH=. python scripts/bench_kernels.py --sections attention --quick
+    python scripts/bench_kernels.py --smoke     # every code path on CPU, tiny shapes, interpreter
+
+Without a CUDA device (and without ``--smoke``) it says so and exits 0. ``--smoke`` runs the
+kernels in the Triton interpreter on CPU tensors (fp32 where real runs use bf16, which the
+interpreter gets wrong), times with ``time.perf_counter`` and compiles baselines with the
+``eager`` backend of ``torch.compile``: its numbers mean nothing, its purpose is to exercise the
+script.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+SMOKE = "--smoke" in sys.argv
+if SMOKE:  # must precede the first import of kernels (the decorators bind to the interpreter)
+    os.environ["TRITON_INTERPRET"] = "1"
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import argparse  # noqa: E402
+import datetime  # noqa: E402
+import functools  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import kernels  # noqa: E402
+from kernels.adamw import AdamW  # noqa: E402
+
+SECTIONS = ("attention", "adamw", "linear_cross_entropy", "pointwise")
+
+
+@dataclass
+class Setup:
+    """Where and how big: the GPU sizes, or tiny CPU sizes for ``--smoke``."""
+
+    device: torch.device
+    dtype: torch.dtype  # the low-precision dtype of the real runs (fp32 in smoke)
+    smoke: bool
+    quick: bool
+    compile_backend: str
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+
+# --------------------------------------------------------------------------- timing
+
+
+def measure_ms(fn: Callable[[], object], setup: Setup, grad_to_none=None) -> float:
+    """Median milliseconds of ``fn``: do_bench on the GPU, a few perf_counter runs in smoke."""
+    if setup.cuda:
+        import triton.testing
+
+        return float(
+            triton.testing.do_bench(
+                fn, warmup=25, rep=100, grad_to_none=grad_to_none, return_mode="median"
+            )
+        )
+    times = []
+    for _ in range(2):  # a warm-up run, then one timed run: smoke numbers only need to exist
+        for t in grad_to_none or []:
+            t.grad = None
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return times[-1]
+
+
+def free_memory(setup: Setup) -> None:
+    if setup.cuda:
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
+def error_text(exc: BaseException) -> str:
+    """The exception's type and first line: enough to tell an unsupported case from a bug."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0][:120] if lines else ''}"
+
+
+# --------------------------------------------------------------------------- attention
+
+
+def sdpa_backends(setup: Setup) -> dict[str, object]:
+    from torch.nn.attention import SDPBackend
+
+    if setup.cuda:
+        return {"sdpa-flash": SDPBackend.FLASH_ATTENTION, "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION}
+    return {"sdpa-math": SDPBackend.MATH}
+
+
+def attention_impls(setup: Setup, gqa: bool) -> dict[str, Callable]:
+    """name -> f(q, k, v) causal attention: ours and SDPA pinned to each of its backends."""
+    from torch.nn.attention import sdpa_kernel
+
+    def ours(q, k, v):
+        return kernels.attention(q, k, v, causal=True, backend="triton")
+
+    def pinned(backend):
+        def run(q, k, v):
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+
+        return run
+
+    return {"ours": ours} | {name: pinned(b) for name, b in sdpa_backends(setup).items()}
+
+
+def attention_cases(setup: Setup) -> list[tuple[str, int, int, int, int, int]]:
+    """(label, B, Hq, Hkv, T, D): 16k tokens per batch, T from 1k to 16k."""
+    if setup.smoke:
+        tokens, lengths, heads = 64, (64,), [("mha", 2, 2, 32), ("gqa", 4, 2, 64)]
+    else:
+        tokens = 16384
+        lengths = (1024, 4096, 16384) if setup.quick else (1024, 2048, 4096, 8192, 16384)
+        heads = [("mha", 32, 32, 64), ("mha", 16, 16, 128), ("gqa", 32, 8, 128)]
+    return [
+        (f"{kind} d{D} T{T}", tokens // T, hq, hkv, T, D)
+        for kind, hq, hkv, D in heads
+        for T in lengths
+    ]
+
+
+def attention_reference_grads(q, k, v, do) -> tuple[torch.Tensor, ...]:
+    """Output and gradients in fp32: the yardstick both ours and SDPA are measured against."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    groups = q.shape[1] // k.shape[1]
+    qf, kf, vf = (t.detach().float().requires_grad_() for t in (q, k, v))
+    backends = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH] if q.is_cuda else [SDPBackend.MATH]
+    with sdpa_kernel(backends):
+        out = F.scaled_dot_product_attention(
+            qf,
+            kf.repeat_interleave(groups, 1),
+            vf.repeat_interleave(groups, 1),
+            is_causal=True,
+        )
+    out.backward(do.float())
+    return out.detach(), qf.grad, kf.grad, vf.grad
+
+
+def max_errors(got: tuple[torch.Tensor, ...], ref: tuple[torch.Tensor, ...]) -> list[float]:
+    return [(g.float() - r).abs().max().item() for g, r in zip(got, ref)]
+
+
+def bench_attention_case(setup: Setup, case) -> list[dict]:
+    label, B, Hq, Hkv, T, D = case
+    gen = torch.Generator(device=setup.device).manual_seed(0)
+
+    def randn(*shape):
+        x = torch.randn(*shape, device=setup.device, dtype=setup.dtype, generator=gen)
+        return x.requires_grad_()
+
+    q, k, v = randn(B, Hq, T, D), randn(B, Hkv, T, D), randn(B, Hkv, T, D)
+    do = torch.randn(B, Hq, T, D, device=setup.device, dtype=setup.dtype, generator=gen)
+    ref = attention_reference_grads(q, k, v, do)
+    scale = max(r.abs().max().item() for r in ref)
+    flops_fwd = 4 * B * Hq * T * T * D / 2  # causal: half of the score matrix
+    rows = []
+    for name, fn in attention_impls(setup, Hkv != Hq).items():
+        row = {"case": label, "impl": name, "B": B, "Hq": Hq, "Hkv": Hkv, "T": T, "D": D}
+        try:
+            row |= time_attention(fn, (q, k, v), do, ref, flops_fwd, setup)
+        except Exception as exc:  # a backend that does not take this case (e.g. GQA)
+            row["error"] = error_text(exc)
+        finally:
+            q.grad = k.grad = v.grad = None
+        rows.append(row)
+    judge_attention(rows, scale)
+    return rows
+
+
+def time_attention(fn, qkv, do, ref, flops_fwd: float, setup: Setup) -> dict:
+    """Errors against ``ref``, then forward, backward and forward+backward times and TFLOP/s."""
+    out = fn(*qkv)
+    out.backward(do)
+    row = {"max_err": max_errors((out, *(t.grad for t in qkv)), ref)}
+    fwd = measure_ms(lambda: fn(*qkv), setup)
+    out = fn(*qkv)
+    bwd = measure_ms(lambda: out.backward(do, retain_graph=True), setup, grad_to_none=list(qkv))
+    both = measure_ms(lambda: fn(*qkv).backward(do), setup, grad_to_none=list(qkv))
+    return row | {
+        "fwd_ms": fwd,
+        "bwd_ms": bwd,
+        "fwd_bwd_ms": both,
+        "fwd_tflops": flops_fwd / fwd / 1e9,
+        "bwd_tflops": 2.5 * flops_fwd / bwd / 1e9,  # the usual count: backward = 2.5 forwards
+        "fwd_bwd_tflops": 3.5 * flops_fwd / both / 1e9,
+    }
+
+
+def judge_attention(rows: list[dict], scale: float) -> None:
+    """Ours is correct when each error is within twice SDPA's (or 1% of the largest value)."""
+    baseline = [r["max_err"] for r in rows if r["impl"] != "ours" and "max_err" in r]
+    for row in rows:
+        if row["impl"] != "ours" or "max_err" not in row:
+            continue
+        limits = [max(2 * max(errs), 1e-2 * scale) for errs in zip(*baseline)] or [1e-2 * scale] * 4
+        row["ok"] = all(e <= lim for e, lim in zip(row["max_err"], limits))
+
+
+def bench_attention(setup: Setup) -> list[dict]:
+    rows = []
+    for case in progress(attention_cases(setup), "attention"):
+        rows += bench_attention_case(setup, case)
+        free_memory(setup)
+    return rows
+
+
+# --------------------------------------------------------------------------- adamw
+
+
+def model_shapes(setup: Setup) -> list[tuple[int, ...]]:
+    """Parameter shapes of the project's model for llama-1b (a toy one in smoke), built on meta."""
+    from pretrain.config import ModelConfig, load_config
+    from pretrain.model import Transformer
+
+    if setup.smoke:  # the interpreter runs a few thousand elements per second
+        cfg = ModelConfig(vocab_size=64, n_layers=1, d_model=32, n_heads=2, n_kv_heads=1)
+    else:
+        cfg = load_config(ROOT / "configs" / "llama-1b.toml").model
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    return [tuple(p.shape) for p in model.parameters()]
+
+
+def copy_gbps(setup: Setup) -> float:
+    """Device memory bandwidth as a large copy achieves it (read + write)."""
+    n = (1 << 30) if setup.cuda else (1 << 20)
+    src = torch.empty(n, dtype=torch.uint8, device=setup.device)
+    dst = torch.empty_like(src)
+    ms = measure_ms(lambda: dst.copy_(src), setup)
+    return 2 * n / ms / 1e6
+
+
+def optimizer_bytes(opt: torch.optim.Optimizer) -> int:
+    """Bytes one step must move: read+write params and each state tensor, read the grads."""
+    total = 0
+    for group in opt.param_groups:
+        for p in group["params"]:
+            total += 2 * p.nbytes + p.grad.nbytes
+            for value in opt.state[p].values():
+                if torch.is_tensor(value) and value.numel() == p.numel():
+                    total += 2 * value.nbytes
+    return total
+
+
+def adamw_impls() -> dict[str, Callable[[list[torch.Tensor]], torch.optim.Optimizer]]:
+    hyper = {"lr": 3e-4, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1}
+    return {
+        "ours": lambda ps: AdamW(ps, backend="triton", **hyper),
+        "torch-fused": lambda ps: torch.optim.AdamW(ps, fused=True, **hyper),
+        "torch-foreach": lambda ps: torch.optim.AdamW(ps, foreach=True, **hyper),
+    }
+
+
+def bench_adamw(setup: Setup) -> list[dict]:
+    shapes = model_shapes(setup)
+    n_params = sum(math.prod(s) for s in shapes)
+    bandwidth = copy_gbps(setup)
+    rows = []
+    for dtype in progress(dict.fromkeys((torch.float32, setup.dtype)), "adamw"):
+        params = [torch.randn(s, device=setup.device, dtype=dtype) * 0.02 for s in shapes]
+        for p in params:
+            p.grad = torch.randn_like(p) * 1e-3
+        for name, make in adamw_impls().items():
+            row = {"impl": name, "dtype": str(dtype).removeprefix("torch."), "params": n_params}
+            try:
+                opt = make(params)
+                opt.step()  # creates the state
+                ms = measure_ms(opt.step, setup)
+                moved = optimizer_bytes(opt)
+                del opt
+            except Exception as exc:
+                rows.append(row | {"error": error_text(exc)})
+                continue
+            finally:
+                free_memory(setup)
+            gbps = moved / ms / 1e6
+            row |= {"step_ms": ms, "bytes_per_param": moved / n_params, "gbps": gbps}
+            row |= {"copy_gbps": bandwidth, "of_copy": gbps / bandwidth}
+            rows.append(row)
+        del params
+        free_memory(setup)
+    rows += adamw_correctness(setup)
+    return rows
+
+
+def adamw_correctness(setup: Setup) -> list[dict]:
+    """Ten steps on a few layers' shapes: ours against torch.optim.AdamW, per dtype."""
+    shapes = model_shapes(setup)[:6]
+    rows = []
+    for dtype in dict.fromkeys((torch.float32, setup.dtype)):
+        gen = torch.Generator(device=setup.device).manual_seed(0)
+        init = [torch.randn(s, device=setup.device, generator=gen).to(dtype) for s in shapes]
+        grads = [
+            [torch.randn(s, device=setup.device, generator=gen).to(dtype) for s in shapes]
+            for _ in range(10)
+        ]
+        results = {}
+        for name in ("ours", "torch-foreach"):
+            params = [p.clone() for p in init]
+            opt = adamw_impls()[name](params)
+            for step in grads:
+                for p, g in zip(params, step):
+                    p.grad = g
+                opt.step()
+            results[name] = params
+        errs = [(a.float() - b.float()).abs().max().item() for a, b in zip(*results.values())]
+        tol = 1e-6 if dtype == torch.float32 else 1e-2
+        rows.append(
+            {
+                "impl": "ours vs torch (10 steps)",
+                "dtype": str(dtype).removeprefix("torch."),
+                "max_err": max(errs),
+                "ok": max(errs) <= tol,
+            }
+        )
+    return rows
+
+
+# --------------------------------------------------------------------------- linear + CE
+
+
+def unfused_linear_cross_entropy(hidden, weight, targets):
+    return F.cross_entropy((hidden @ weight.t()).float(), targets)
+
+
+def bench_linear_cross_entropy(setup: Setup) -> list[dict]:
+    N, V, d = (16, 300, 32) if setup.smoke else (16384, 128256, 4096)
+    gen = torch.Generator(device=setup.device).manual_seed(0)
+    hidden = torch.randn(N, d, device=setup.device, dtype=setup.dtype, generator=gen)
+    weight = torch.randn(V, d, device=setup.device, dtype=setup.dtype, generator=gen) * d**-0.5
+    targets = torch.randint(0, V, (N,), device=setup.device, generator=gen)
+    hidden.requires_grad_()
+    weight.requires_grad_()
+    impls = {
+        "ours": lambda: kernels.linear_cross_entropy(hidden, weight, targets, backend="triton"),
+        "torch-unfused": lambda: unfused_linear_cross_entropy(hidden, weight, targets),
+    }
+    rows, grads = [], {}
+    for name, fn in impls.items():
+        row = {"impl": name, "tokens": N, "vocab": V, "hidden": d}
+        try:
+            row |= time_loss(fn, (hidden, weight), setup)
+            loss = fn()
+            loss.backward()
+            grads[name] = (loss.detach().float(), hidden.grad.float(), weight.grad.float())
+        except Exception as exc:
+            row["error"] = error_text(exc)
+        finally:
+            hidden.grad = weight.grad = None
+            free_memory(setup)
+        rows.append(row)
+    if len(grads) == 2:
+        ours, ref = grads["ours"], grads["torch-unfused"]
+        errs = [
+            ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item() for a, b in zip(ours, ref)
+        ]
+        rows[0]["rel_err_loss_dh_dw"] = errs
+        rows[0]["ok"] = max(errs) <= (1e-4 if setup.dtype == torch.float32 else 2e-2)
+    return rows
+
+
+def time_loss(fn: Callable[[], torch.Tensor], leaves, setup: Setup) -> dict:
+    """Peak memory of forward+backward, then forward and forward+backward times."""
+    peak = peak_memory_mib(lambda: fn().backward(), setup)
+    for t in leaves:
+        t.grad = None
+    fwd = measure_ms(fn, setup)
+    both = measure_ms(lambda: fn().backward(), setup, grad_to_none=list(leaves))
+    return {"peak_mib": peak, "fwd_ms": fwd, "fwd_bwd_ms": both}
+
+
+def peak_memory_mib(fn: Callable[[], object], setup: Setup) -> float | None:
+    """Memory forward+backward needs above what was allocated before it (CUDA only)."""
+    if not setup.cuda:
+        fn()
+        return None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+# --------------------------------------------------------------------------- pointwise ops
+
+
+def pointwise_cases(setup: Setup) -> list[dict]:
+    """Each op: inputs, ours, the reference, and the bytes forward and backward must move."""
+    dev, dt = setup.device, setup.dtype
+    N, d, ffn = (64, 256, 384) if setup.smoke else (16384, 4096, 14336)
+    B, T, Hq, Hkv, D = (2, 32, 4, 2, 32) if setup.smoke else (8, 2048, 32, 8, 128)
+    gen = torch.Generator(device=dev).manual_seed(0)
+
+    def randn(*shape, dtype=dt):
+        return torch.randn(*shape, device=dev, dtype=dtype, generator=gen).requires_grad_()
+
+    x, w = randn(N, d), randn(d)
+    gate, up = randn(N, ffn), randn(N, ffn)
+    q, k = randn(B, Hq, T, D), randn(B, Hkv, T, D)
+    cos, sin = kernels.rope_cos_sin(torch.arange(T, device=dev), D)
+    size = x.element_size()
+    return [
+        {
+            "op": "rms_norm",
+            "shape": f"{N}x{d}",
+            "inputs": (x, w),
+            "ours": lambda x, w: kernels.rms_norm(x, w, backend="triton"),
+            "ref": kernels.rms_norm_reference,
+            "fwd_bytes": 2 * x.numel() * size,
+            "bwd_bytes": 3 * x.numel() * size,
+        },
+        {
+            "op": "swiglu",
+            "shape": f"{N}x{ffn}",
+            "inputs": (gate, up),
+            "ours": lambda g, u: kernels.swiglu(g, u, backend="triton"),
+            "ref": kernels.swiglu_reference,
+            "fwd_bytes": 3 * gate.numel() * size,
+            "bwd_bytes": 5 * gate.numel() * size,
+        },
+        {
+            "op": "rope",
+            "shape": f"B{B} Hq{Hq} Hkv{Hkv} T{T} D{D}",
+            "inputs": (q, k),
+            "ours": lambda q, k: kernels.apply_rope(q, k, cos, sin, backend="triton"),
+            "ref": lambda q, k: kernels.apply_rope_reference(q, k, cos, sin),
+            "fwd_bytes": 2 * (q.numel() + k.numel()) * size,
+            "bwd_bytes": 2 * (q.numel() + k.numel()) * size,
+        },
+    ]
+
+
+def forward_backward(fn, inputs, grads) -> Callable[[], None]:
+    def run():
+        out = fn(*inputs)
+        outs = out if isinstance(out, tuple) else (out,)
+        torch.autograd.backward(outs, grads)
+
+    return run
+
+
+def bench_pointwise(setup: Setup) -> list[dict]:
+    rows = []
+    for case in progress(pointwise_cases(setup), "pointwise"):
+        inputs = case["inputs"]
+        impls = {
+            "ours": case["ours"],
+            "torch-eager": case["ref"],
+            "torch-compile": torch.compile(case["ref"], backend=setup.compile_backend),
+        }
+        expected = case["ref"](*inputs)
+        expected = expected if isinstance(expected, tuple) else (expected,)
+        grads = tuple(torch.randn_like(t) for t in expected)
+        for name, fn in impls.items():
+            row = {"op": case["op"], "shape": case["shape"], "impl": name}
+            try:
+                out = fn(*inputs)
+                out = out if isinstance(out, tuple) else (out,)
+                row["max_err"] = max(
+                    (a.float() - b.float()).abs().max().item() for a, b in zip(out, expected)
+                )
+                fwd = measure_ms(functools.partial(fn, *inputs), setup)
+                both = measure_ms(
+                    forward_backward(fn, inputs, grads), setup, grad_to_none=list(inputs)
+                )
+            except Exception as exc:
+                rows.append(row | {"error": error_text(exc)})
+                continue
+            row |= {"fwd_ms": fwd, "fwd_bwd_ms": both}
+            row["fwd_gbps"] = case["fwd_bytes"] / fwd / 1e6
+            row["fwd_bwd_gbps"] = (case["fwd_bytes"] + case["bwd_bytes"]) / both / 1e6
+            if name == "ours":
+                tol = 1e-5 if setup.dtype == torch.float32 else 2e-2
+                row["ok"] = row["max_err"] <= tol * max(e.abs().max().item() for e in expected)
+            rows.append(row)
+        free_memory(setup)
+    return rows
+
+
+# --------------------------------------------------------------------------- reporting
+
+
+def progress(items, desc: str):
+    """A tqdm bar on a terminal; the items themselves otherwise (tqdm may be absent on a GPU box)."""
+    items = list(items)
+    if sys.stderr.isatty():
+        try:
+            from tqdm import tqdm
+
+            return tqdm(items, desc=desc, leave=False)
+        except ImportError:
+            pass
+    return items
+
+
+def fmt(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "ok" if value else "FAIL"
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
+    if isinstance(value, list):
+        return "/".join(fmt(v) for v in value)
+    return str(value)
+
+
+def table(title: str, rows: list[dict], columns: list[str]) -> str:
+    cells = [[fmt(r.get(c)) if c in r or "error" not in r else "-" for c in columns] for r in rows]
+    for r, line in zip(rows, cells):
+        if "error" in r:
+            line[-1] = r["error"][:60]
+    widths = [max(len(x) for x in col) for col in zip(columns, *cells)]
+    lines = [f"\n== {title}", "  ".join(c.ljust(w) for c, w in zip(columns, widths))]
+    lines += ["  ".join(x.ljust(w) for x, w in zip(line, widths)) for line in cells]
+    return "\n".join(lines)
+
+
+TABLES = {
+    "attention": ["case", "impl", "fwd_tflops", "bwd_tflops", "fwd_bwd_tflops", "max_err", "ok"],
+    "adamw": ["impl", "dtype", "step_ms", "bytes_per_param", "gbps", "of_copy", "max_err", "ok"],
+    "linear_cross_entropy": ["impl", "tokens", "vocab", "hidden", "fwd_ms", "fwd_bwd_ms", "peak_mib", "ok"],
+    "pointwise": ["op", "shape", "impl", "fwd_gbps", "fwd_bwd_gbps", "max_err", "ok"],
+}  # fmt: skip
+RUNNERS = {
+    "attention": bench_attention,
+    "adamw": bench_adamw,
+    "linear_cross_entropy": bench_linear_cross_entropy,
+    "pointwise": bench_pointwise,
+}
+
+
+def failures(report: dict) -> list[str]:
+    """Rows of ours that were wrong or failed to run."""
+    bad = []
+    for section in SECTIONS:
+        for row in report.get(section, []):
+            if str(row.get("impl", "")).startswith("ours") and (
+                row.get("ok") is False or "error" in row
+            ):
+                bad.append(f"{section}: {row}")
+    return bad
+
+
+def write_json(path: Path, report: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", type=Path, metavar="PATH", help="write all results as JSON")
+    parser.add_argument("--sections", default=",".join(SECTIONS),
+                        help=f"comma-separated subset of {','.join(SECTIONS)}")  # fmt: skip
+    parser.add_argument("--quick", action="store_true", help="fewer attention lengths")
+    parser.add_argument("--smoke", action="store_true",
+                        help="run every code path on CPU with tiny shapes (numbers meaningless)")  # fmt: skip
+    args = parser.parse_args(argv)
+    sections = [s for s in args.sections.split(",") if s]
+    unknown = set(sections) - set(SECTIONS)
+    if unknown:
+        parser.error(f"unknown sections {sorted(unknown)}; choose from {', '.join(SECTIONS)}")
+    if not args.smoke and not torch.cuda.is_available():
+        print("bench_kernels: no CUDA device, nothing to benchmark (the benchmarks need an NVIDIA "
+              "GPU; --smoke runs the script's code paths on CPU)")  # fmt: skip
+        return 0
+    setup = Setup(
+        device=torch.device("cpu" if args.smoke else "cuda"),
+        dtype=torch.float32 if args.smoke else torch.bfloat16,
+        smoke=args.smoke,
+        quick=args.quick,
+        compile_backend="eager" if args.smoke else "inductor",
+    )
+    torch.manual_seed(0)
+    report = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name() if setup.cuda else "cpu (smoke)",
+        "torch": torch.__version__,
+        "triton": __import__("triton").__version__,
+        "smoke": setup.smoke,
+    }
+    for section in sections:
+        start = time.perf_counter()
+        report[section] = RUNNERS[section](setup)
+        report[f"{section}_s"] = round(time.perf_counter() - start, 1)
+        print(table(section, report[section], TABLES[section]), flush=True)
+    bad = failures(report)
+    report["ok"] = not bad
+    if args.json:
+        write_json(args.json, report)
+    for line in bad:
+        print(f"FAIL {line}")
+    print(f"\nbench_kernels: {'all kernels correct' if not bad else f'{len(bad)} failures'}")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""scripts/bench_kernels.py --smoke: every benchmark code path runs on CPU and finds ours correct.
+
+The numbers of a smoke run mean nothing (interpreter, tiny shapes); what is tested is that each
+section runs ours and its baselines, checks correctness, prints its table and writes the JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bench_kernels_smoke_runs_every_section(tmp_path):
+    out = tmp_path / "bench.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, "scripts/bench_kernels.py", "--smoke", "--json", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(out.read_text())
+    assert report["smoke"] and report["ok"]
+
+    attention = report["attention"]
+    assert {r["impl"] for r in attention} == {"ours", "sdpa-math"}
+    assert {r["Hkv"] < r["Hq"] for r in attention} == {True, False}  # MHA and GQA cases
+    for row in attention:
+        assert row["fwd_tflops"] > 0 and row["bwd_tflops"] > 0 and row["fwd_bwd_tflops"] > 0
+        assert len(row["max_err"]) == 4  # out, dq, dk, dv against the fp32 reference
+    assert all(r["ok"] for r in attention if r["impl"] == "ours")
+
+    adamw = report["adamw"]
+    timed = [r for r in adamw if "step_ms" in r]
+    assert {r["impl"] for r in timed} == {"ours", "torch-fused", "torch-foreach"}
+    assert all(r["bytes_per_param"] == 28 for r in timed)  # fp32: p, m, v read+write, g read
+    checked = [r for r in adamw if "max_err" in r]
+    assert checked and all(r["ok"] for r in checked)
+
+    xent = {r["impl"]: r for r in report["linear_cross_entropy"]}
+    assert xent["ours"]["ok"] and xent["torch-unfused"]["fwd_bwd_ms"] > 0
+
+    pointwise = report["pointwise"]
+    assert {(r["op"], r["impl"]) for r in pointwise} == {
+        (op, impl)
+        for op in ("rms_norm", "swiglu", "rope")
+        for impl in ("ours", "torch-eager", "torch-compile")
+    }
+    assert all(r["ok"] for r in pointwise if r["impl"] == "ours")
+    assert "fwd_bwd_gbps" in proc.stdout and "all kernels correct" in proc.stdout
+
+
+def test_bench_kernels_without_cuda_says_so_and_exits_0():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    proc = subprocess.run(
+        [sys.executable, "scripts/bench_kernels.py", "--sections", "attention"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "no CUDA device" in proc.stdout
