@@ -739,8 +739,9 @@ def prepare_dataset(
     """Tokenize ``inputs`` (default: the Python standard library) into ``out``; return its manifest.
 
     ``vocab_size`` trains a new tokenizer (default 8192); ``tokenizer`` reuses a
-    ``tokenizer.json`` instead. ``streaming`` streams Hub datasets (local files always are).
-    Re-running with the same inputs and settings finds the dataset up to date and returns it.
+    ``tokenizer.json`` instead. ``num_proc`` tokenizer processes (default one per core; 1 runs
+    the tokenizer's own threads in this process). ``streaming`` streams Hub datasets (local files
+    always are). Re-running with the same inputs and settings finds the dataset up to date and returns it.
     """
     if tokenizer is not None and vocab_size is not None:
         raise UserError("give either --vocab-size (train a tokenizer) or --tokenizer, not both")

@@ -186,7 +186,7 @@ def main() -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    print(f"\n{'benchmark':<58} {'median':>9} {'throughput':>16} {'vs baseline':>12}")
+    print(f"\n{'benchmark':<68} {'median':>9} {'throughput':>16} {'vs baseline':>12}")
     for r in results:
         speed = (
             f"{r['MB_per_s']:.2f} MB/s"
@@ -194,7 +194,7 @@ def main() -> int:
             else f"{r['tokens_per_s'] / 1e6:.2f} M tok/s"
         )
         print(
-            f"{r['bench'] + ': ' + r['name']:<58} {r['median_s']:>8.2f}s {speed:>16} "
+            f"{r['bench'] + ': ' + r['name']:<68} {r['median_s']:>8.2f}s {speed:>16} "
             f"{r['ratio_vs_baseline']:>11.2f}x"
         )
     out = Path(args.out)
