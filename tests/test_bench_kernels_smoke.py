@@ -71,3 +71,29 @@ def test_bench_kernels_without_cuda_says_so_and_exits_0():
     )
     assert proc.returncode == 0, proc.stderr
     assert "no CUDA device" in proc.stdout
+
+
+def test_gpu_correctness_smoke_checks_every_op(tmp_path):
+    out = tmp_path / "correctness.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, "scripts/gpu_correctness.py", "--smoke", "--json", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(out.read_text())
+    ops = {c["op"] for c in report["checks"]}
+    assert ops == {
+        "attention",
+        "decode_attention",
+        "rms_norm",
+        "swiglu",
+        "rope",
+        "linear_cross_entropy",
+        "adamw",
+    }
+    assert report["ok"] and all(c["err_ours"] <= c["limit"] for c in report["checks"])
