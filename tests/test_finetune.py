@@ -168,3 +168,21 @@ def test_resume_gives_the_uninterrupted_weights(base, tmp_path):
     whole, split = weights_of_run(tmp_path / "whole"), weights_of_run(tmp_path / "split")
     for name in whole:
         torch.testing.assert_close(split[name], whole[name], rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_two_torchrun_ranks_match_one_process(base, tmp_path):
+    """``torchrun -m pretrain.finetune`` on 2 gloo ranks: each reads its share of every batch."""
+    import subprocess
+    import sys
+
+    from train_helpers import ROOT, assert_losses_close, env, losses
+
+    args = ["--init-from", str(base["export"]), "--data", str(base["data"]), "--train.steps", "3"]
+    args += [*FAST, "--eval.every", "3", "--logging.every", "1"]
+    assert finetune(*args, "--out", tmp_path / "w1") == 0
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    cmd += ["-m", "pretrain.finetune", *args, "--out", str(tmp_path / "w2")]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert_losses_close(losses(tmp_path / "w1"), losses(tmp_path / "w2"), rtol=1e-4)
