@@ -834,6 +834,10 @@ def _prepare_into(
         tok.save(str(tmp / TOKENIZER_FILE))
     tokenizer_json = (tmp / TOKENIZER_FILE).read_text()
     vocab = tok.get_vocab_size(with_added_tokens=True)
+    if tokenizer_file is None and vocab < vocab_size:
+        log(
+            f"note: the corpus supports only {vocab} tokens (asked for {vocab_size}); vocab_size={vocab}"
+        )
     eos_id = tok.token_to_id(EOS_TOKEN)
     dtype = token_dtype_for(vocab)
 
