@@ -371,8 +371,8 @@ def _launch(kernel, grid, args, consts: dict, num_warps: int, num_stages: int) -
     does not fit (consumer GPUs), the software pipeline is shortened until it does, once per
     configuration and device.
     """
-    if kernel is not _attn_bwd_delta_kernel:
-        consts = dict(consts, UPCAST=INTERPRET)
+    if kernel is not _attn_bwd_delta_kernel:  # the others take q first
+        consts = dict(consts, UPCAST=INTERPRET and args[0].dtype == torch.bfloat16)
     key = (kernel, tuple(sorted(consts.items())), args[0].device)
     stages = _stages_that_fit.get(key, num_stages)
     while True:
@@ -393,9 +393,9 @@ def _launch(kernel, grid, args, consts: dict, num_warps: int, num_stages: int) -
 # positions past the end are masked on load and store. Scores are kept in base 2: with
 # qk_scale = scale * log2(e), p = exp2(s * qk_scale - m), and the saved LSE is in the same units.
 # The running max starts at -1e30, not -inf, so a row whose keys are all masked so far gives
-# exp2(-inf - m) = 0 instead of NaN. UPCAST (the interpreter) converts tiles to fp32 right after
-# loading, because the interpreter computes bf16 arithmetic on raw bits; on the GPU tl.dot takes
-# bf16/fp16 operands and accumulates in fp32.
+# exp2(-inf - m) = 0 instead of NaN. On the GPU tl.dot takes bf16/fp16 operands and accumulates in
+# fp32. UPCAST (bf16 in the interpreter only) converts tiles to fp32 right after loading, because
+# the interpreter computes bf16 arithmetic on raw bits; fp16 and fp32 take the GPU's code path.
 
 if triton is not None:
 

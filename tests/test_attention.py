@@ -155,11 +155,12 @@ def test_half_precision(rng, dtype):
 
 @pytest.mark.parametrize("D", [64, 128])
 def test_gpu_tile_shapes(rng, monkeypatch, D):
-    """The Hopper tiles (BLOCK_M != BLOCK_N, 128-row blocks) through the same edge logic."""
+    """The Hopper tiles (BLOCK_M != BLOCK_N, 128-row blocks) in fp16, which the interpreter runs
+    through the GPU's code path (half-precision tl.dot operands, fp32 accumulation)."""
     gpu_tiles = attn._tiles_for(D, interpret=False)
     monkeypatch.setattr(attn, "_tiles_for", lambda head_dim, interpret: gpu_tiles)
     doc_ids = packed_doc_ids([[70, 100, 30], [200]])
-    check_against_float64(rng, B=2, Hq=2, Hkv=1, T=200, D=D, doc_ids=doc_ids)
+    check_against_float64(rng, B=2, Hq=2, Hkv=1, T=200, D=D, doc_ids=doc_ids, dtype=torch.float16)
 
 
 def test_every_output_buffer_is_poisoned(rng, poisoned_buffers):
