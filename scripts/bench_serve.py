@@ -3,7 +3,8 @@
 One run measures, on the same export and the same prompts:
 
 - our server (continuous batching) at concurrency 1, 4, 16, 64, streamed completions;
-- the same engine serving one request at a time (``--max-batch 1``) under the same load;
+- the same engine serving one request at a time (``--max-batch 1``) under the same concurrency
+  (one request per client, since it is slow);
 - Hugging Face transformers ``generate`` on the same export, one stream, and our engine
   in-process on the same prompts (single-stream decode speed without HTTP).
 
@@ -77,12 +78,12 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, export: Path, max_batch: int, max_queue: int):
+    def __init__(self, export: Path, max_batch: int, max_queue: int, threads: int):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "pretrain.cli", "serve", str(export), "--port", str(self.port)]
         cmd += ["--max-batch", str(max_batch), "--max-queue", str(max_queue)]
-        cmd += ["--log-level", "warning"]
+        cmd += ["--log-level", "warning", "--threads", str(threads)]
         self.proc = subprocess.Popen(cmd, cwd=ROOT)
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
@@ -183,9 +184,12 @@ def median_of(repeats: list[dict]) -> dict:
     return out
 
 
-def single_stream(export: Path, prompts, max_tokens: int, repeats: int) -> dict:
-    """Decode tokens/s of one stream: transformers generate vs our engine in-process."""
+def single_stream(export: Path, prompts, max_tokens: int, repeats: int, threads: int) -> dict:
+    """Decode tokens/s of one stream: transformers generate vs our engine in-process, with the
+    same number of threads as the server."""
     import torch
+
+    torch.set_num_threads(threads)
     from transformers import LlamaForCausalLM
 
     from pretrain.serve.engine import Engine, SamplingParams
@@ -260,7 +264,10 @@ def main() -> int:
     parser.add_argument("--output-tokens", type=int, default=128)
     parser.add_argument("--requests", type=int, default=0, help="per level (0: max(8, 2 x c))")
     parser.add_argument("--single-stream-prompts", type=int, default=4)
-    parser.add_argument("--out", type=Path, default=ROOT / "bench_serve.json")
+    parser.add_argument(
+        "--threads", type=int, default=max(1, (os.cpu_count() or 2) - 1), help="model threads"
+    )
+    parser.add_argument("--out", type=Path, default=ROOT / "bench-results" / "bench_serve.json")
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
 
@@ -275,6 +282,7 @@ def main() -> int:
             "prompt_tokens": args.prompt_tokens,
             "output_tokens": args.output_tokens,
             "repeats": args.repeats,
+            "threads": args.threads,
             "batched": {},
             "sequential": {},
         }
@@ -282,11 +290,12 @@ def main() -> int:
             ("batched", max(levels), levels),
             ("sequential", 1, [args.baseline_concurrency]),
         ):
-            server = Server(export, max_batch=max_batch, max_queue=4 * max(levels))
+            server = Server(export, max_batch, 4 * max(levels), args.threads)
             try:
                 asyncio.run(run_level(server.url, prompts[:2], 1, 8))  # warm-up
                 for c in cs:
-                    n = args.requests or max(8, 2 * c)
+                    # The one-at-a-time baseline gets one request per client (it is slow).
+                    n = args.requests or (c if max_batch == 1 else max(8, 2 * c))
                     reps = []
                     for r in range(args.repeats):
                         reps.append(
@@ -301,7 +310,11 @@ def main() -> int:
             finally:
                 server.close()
         results["single_stream"] = single_stream(
-            export, prompts[: args.single_stream_prompts], args.output_tokens, args.repeats
+            export,
+            prompts[: args.single_stream_prompts],
+            args.output_tokens,
+            args.repeats,
+            args.threads,
         )
 
     b = results["batched"]
@@ -325,6 +338,7 @@ def main() -> int:
             b[1]["median"]["output_token_throughput"] / ss["transformers_tokens_per_s"]
         )
     results["ratios"] = ratios
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp_out = args.out.with_suffix(".json.tmp")
     tmp_out.write_text(json.dumps(results, indent=2))
     os.replace(tmp_out, args.out)

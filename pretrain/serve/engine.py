@@ -96,6 +96,7 @@ class Request:
         emit: Callable[[Request, StepOutput], None],
         tokenizer,
         eos_ids: list[int],
+        device: torch.device | str = "cpu",
     ):
         if not prompt_ids:
             raise ValueError("a request needs at least one prompt token")
@@ -111,7 +112,7 @@ class Request:
         self.arrival = time.perf_counter()
         self.first_token_time: float | None = None
         self.last_token_time: float | None = None
-        self.generator = torch.Generator()
+        self.generator = torch.Generator(device=device)  # where the logits are sampled
         self.generator.manual_seed(params.seed if params.seed is not None else _random_seed())
         self.stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_ids))
         self.detokenizer = IncrementalDetokenizer(tokenizer)
@@ -280,7 +281,7 @@ class Engine:
     # ------------------------------------------------------------------ thread-safe interface
 
     def make_request(self, prompt_ids, params: SamplingParams, emit) -> Request:
-        return Request(prompt_ids, params, emit, self.tokenizer, self.eos_ids)
+        return Request(prompt_ids, params, emit, self.tokenizer, self.eos_ids, self.device)
 
     def submit(self, requests: list[Request]) -> None:
         """Queue requests (all or none); QueueFull when the queue cannot take them all."""

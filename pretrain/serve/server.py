@@ -140,6 +140,7 @@ class ServerState:
     engine_options: dict
     device: str = "auto"
     dtype: str = "auto"
+    threads: int = 1
     loaded: LoadedModel | None = None
     engine: object | None = None
     load_error: str | None = None
@@ -189,6 +190,11 @@ class ServerState:
         from pretrain.serve.metrics import Metrics
 
         try:
+            import torch
+
+            # Threads that wait on each other are slow when they share cores with the event
+            # loop and the client; one core is left to HTTP.
+            torch.set_num_threads(self.threads)
             t0 = time.perf_counter()
             loaded = load_model(self.export_dir, self.device, self.dtype)
             self.metrics = Metrics(slots=self.engine_options["max_batch"])
@@ -764,10 +770,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--step-tokens", type=int, default=256, help="tokens processed per engine step (256)"
     )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="CPU threads for the model (0: all cores but one, left to the HTTP event loop)",
+    )
     parser.add_argument("--log-level", default="info", help="debug, info, warning, error")
 
 
 def _check_args(args: argparse.Namespace) -> None:
+    if args.threads < 0:
+        raise UserError("--threads must be >= 0 (0: all cores but one)")
     for name in ("max_batch", "prefill_chunk", "step_tokens"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
@@ -800,6 +814,7 @@ def run(args: argparse.Namespace) -> int:
         },
         device=args.device,
         dtype=args.dtype,
+        threads=args.threads or max(1, (os.cpu_count() or 2) - 1),
     )
 
     class Server(uvicorn.Server):
