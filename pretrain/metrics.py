@@ -90,13 +90,14 @@ class MetricsLogger:
             self._wandb = _start_wandb(out_dir, wandb_config)
 
     def _truncate_after(self, step: int) -> None:
-        """Drop records past ``step`` (left by an interrupted run this one resumes)."""
+        """Drop records past ``step``, left by an interrupted run this one resumes (all of them
+        when starting at step 0: an earlier attempt that saved no checkpoint)."""
         if not self.path.exists():
             return
         kept = [
             line
             for line in self.path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step
+            if step > 0 and line.strip() and json.loads(line).get("step", 0) <= step
         ]
         tmp = self.path.with_name(self.path.name + ".tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
@@ -124,7 +125,8 @@ class MetricsLogger:
         self._file.flush()
         if self._wandb is not None:
             prefix = "val" if kind == "eval" else "train"
-            self._wandb.log({f"{prefix}/{k}": v for k, v in values.items()}, step=step)
+            points = {f"{prefix}/{k.removeprefix('val_')}": v for k, v in values.items()}
+            self._wandb.log({k: v for k, v in points.items() if v is not None}, step=step)
         if console:
             width = len(str(self.total_steps))
             head = f"{kind} step={step:>{width}}/{self.total_steps}"
