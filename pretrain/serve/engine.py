@@ -201,6 +201,41 @@ class FusedLayer:
             module.weight = torch.nn.Parameter(view, requires_grad=False)
 
 
+class RowwiseHead:
+    """The output projection computed for each row on its own, in one batched call.
+
+    The vocabulary projection is the largest matrix of a decode step, and on CPU a padded
+    four-row product costs several times a one-row one. ``torch.bmm`` over rows, each a (1, d) x
+    (d, vocab) product with the weight transposed once, gives every row the numbers it gets
+    alone, so the head needs no padding: one request pays for one row.
+    """
+
+    def __init__(self, weight: torch.Tensor):
+        self.weight_t = weight.detach().t().contiguous()  # (d, vocab)
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        d, vocab = self.weight_t.shape
+        return torch.bmm(h[:, None], self.weight_t.expand(h.shape[0], d, vocab))[:, 0]
+
+    @classmethod
+    def if_exact(cls, weight: torch.Tensor, max_batch: int) -> RowwiseHead | None:
+        """The head when, on this device, each row's logits are bitwise those it gets alone
+        (checked, as BLAS libraries differ); None to fall back to the padded batch."""
+        if weight.device.type != "cpu":
+            return None  # on GPUs the padded batch is cheap and the copy of the weight is not
+        head = cls(weight)
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(max_batch, weight.shape[1], generator=gen).to(weight.dtype)
+        with torch.no_grad():
+            full = head(x)
+            for size in sorted({1, 2, 3, max_batch // 2, max_batch - 1} - {0}):
+                part = head(x[:size])
+                alone = torch.cat([head(x[i : i + 1]) for i in range(size)])
+                if not (torch.equal(part, full[:size]) and torch.equal(alone, part)):
+                    return None
+        return head
+
+
 def invariant_batch_sizes(weights: list[torch.Tensor], max_batch: int) -> list[int]:
     """Decode batch sizes whose per-row results equal those of ``max_batch`` rows, bitwise.
 
@@ -264,7 +299,8 @@ class Engine:
             device=self.device,
         )
         self.fused = [FusedLayer(layer) for layer in model.layers]
-        decode_weights = [model.lm_head.weight] + [
+        self.head = RowwiseHead.if_exact(model.lm_head.weight, max_batch)
+        decode_weights = ([model.lm_head.weight] if self.head is None else []) + [
             w
             for f, layer in zip(self.fused, model.layers)
             for w in (f.qkv, f.gate_up, layer.self_attn.o_proj.weight, layer.mlp.down_proj.weight)
@@ -409,16 +445,16 @@ class Engine:
             positions[i] = r.next_position
             slots[i] = r.slot
         logits = self.decode_forward(
-            tokens.to(self.device), positions.to(self.device), slots.to(self.device)
+            tokens.to(self.device), positions.to(self.device), slots.to(self.device), rows=n
         )
-        self._sample(requests, logits[:n])
+        self._sample(requests, logits)
 
     def decode_batch_size(self, n: int) -> int:
         """Rows of the padded decode batch for n requests: the smallest invariant size >= n."""
         return next(b for b in self.batch_sizes if b >= n)
 
-    def decode_forward(self, tokens, positions, slots) -> torch.Tensor:
-        """Logits (B, vocab) for one new token per row, each at its own position and slot.
+    def decode_forward(self, tokens, positions, slots, rows: int | None = None) -> torch.Tensor:
+        """Logits (rows, vocab) for one new token per row, each at its own position and slot.
 
         The model's own layers and weights, with q/k/v and gate/up each as one product
         (:class:`FusedLayer`), and attention reading the slot's cache up to the row's length
@@ -445,7 +481,8 @@ class Engine:
                 fused.ffn, dim=-1
             )
             x = x + mlp.down_proj(kernels.swiglu(gate, up))
-        return model.lm_head(model.norm(x))[:, 0].float()
+        h = model.norm(x[:rows, 0])  # padding rows need no logits
+        return (model.lm_head(h) if self.head is None else self.head(h)).float()
 
     # ------------------------------------------------------------------ sampling and output
 
