@@ -205,6 +205,8 @@ def defined_jit_functions(path: Path, module_name: str) -> list[tuple[str, str]]
                 visit(child, qualname + ".<locals>.")
             elif isinstance(child, ast.ClassDef):
                 visit(child, prefix + child.name + ".")
+            else:  # e.g. kernels defined under ``if triton is not None:``
+                visit(child, prefix)
 
     visit(ast.parse(path.read_text(), filename=str(path)), "")
     return found
@@ -301,8 +303,12 @@ def cpu_seconds() -> float:
     return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
-def compile_build(build: dict, result: BuildResult) -> None:
-    """Compile one build for sm_90 and fill ``result`` with what its cubin uses."""
+def compile_build(build: dict, result: BuildResult, sass: bool) -> None:
+    """Compile one build for sm_90 and fill ``result`` with what its cubin uses.
+
+    The SASS instruction counts (``sass``) cost a disassembly of about half a second each, so by
+    default only matrix builds get them.
+    """
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -328,14 +334,12 @@ def compile_build(build: dict, result: BuildResult) -> None:
         cubin = Path(tmp) / "kernel.cubin"
         cubin.write_bytes(compiled.asm["cubin"])
         usage = parse_res_usage(cuobjdump("-res-usage", str(cubin)), compiled.metadata.name)
-        ops = count_opcodes(cuobjdump("-sass", str(cubin)))
+        ops = count_opcodes(cuobjdump("-sass", str(cubin))) if sass else None
     result.regs, result.stack, result.local = usage["REG"], usage["STACK"], usage["LOCAL"]
     result.smem = compiled.metadata.shared + usage["SHARED"]  # dynamic (Triton) + static
-    result.hgmma, result.hmma, result.ffma = (
-        ops.get("HGMMA", 0),
-        ops.get("HMMA", 0),
-        ops.get("FFMA", 0),
-    )
+    if ops is not None:
+        result.hgmma, result.hmma = ops.get("HGMMA", 0), ops.get("HMMA", 0)
+        result.ffma = ops.get("FFMA", 0)
 
 
 def judge(result: BuildResult, build: dict) -> None:
@@ -361,7 +365,7 @@ def judge(result: BuildResult, build: dict) -> None:
 _WORKER_MODULES: dict[str, ModuleType] = {}
 
 
-def run_build(ref: str, index: int) -> BuildResult:
+def run_build(ref: str, index: int, sass_all: bool = False) -> BuildResult:
     """Worker: load module ``ref``, compile its build number ``index``, and judge it."""
     module = _WORKER_MODULES.get(ref) or load_module(ref)
     _WORKER_MODULES[ref] = module
@@ -380,7 +384,7 @@ def run_build(ref: str, index: int) -> BuildResult:
     if result.problems:
         return result
     try:
-        compile_build(build, result)
+        compile_build(build, result, sass=sass_all or result.matrix)
     except Exception as exc:  # a compile error is a finding, reported with the build's name
         lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
         result.problems.append(
@@ -464,6 +468,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="check only the --module modules, not the kernels package")  # fmt: skip
     parser.add_argument("--json", type=Path, metavar="PATH", help="write the results as JSON")
     parser.add_argument("--markdown", action="store_true", help="print the table as markdown")
+    parser.add_argument("--sass-all", action="store_true",
+                        help="count SASS instructions of every build, not only matrix ones")  # fmt: skip
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                         help="compile processes (default: min(2, CPUs))")  # fmt: skip
     args = parser.parse_args(argv)
@@ -475,7 +481,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         jobs, problems = collect(refs)
         print(f"compiling {len(jobs)} builds for sm_{SM} with {args.jobs} processes", flush=True)
-        results = compile_all(jobs, args.jobs)
+        results = compile_all(jobs, args.jobs, args.sass_all)
     finally:
         shutil.rmtree(cache, ignore_errors=True)
     elapsed = time.perf_counter() - start
@@ -504,13 +510,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if ok else 1
 
 
-def compile_all(jobs: list[tuple[str, int]], n_procs: int) -> list[BuildResult]:
+def compile_all(jobs: list[tuple[str, int]], n_procs: int, sass_all: bool) -> list[BuildResult]:
     """Compile the jobs in ``n_procs`` processes; results keep the order of ``jobs``."""
     if n_procs <= 1 or len(jobs) <= 1:
-        return [run_build(ref, i) for ref, i in jobs]
+        return [run_build(ref, i, sass_all) for ref, i in jobs]
     ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no inherited triton state
+    refs, indices = zip(*jobs)
     with concurrent.futures.ProcessPoolExecutor(n_procs, mp_context=ctx) as pool:
-        return list(pool.map(run_build, *zip(*jobs)))
+        return list(pool.map(run_build, refs, indices, [sass_all] * len(jobs)))
 
 
 if __name__ == "__main__":

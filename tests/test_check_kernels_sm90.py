@@ -71,7 +71,7 @@ def test_clean_kernels_pass_and_report_resources(tmp_path):
     matmul, scale = builds["matmul_64"], builds["scale_1024"]
     assert matmul["hgmma"] > 0 and matmul["ffma"] == 0
     assert 0 < matmul["regs"] <= 255 and matmul["smem"] > 0
-    assert scale["hgmma"] == 0 and scale["stack"] == 0
+    assert scale["hgmma"] is None and scale["stack"] == 0  # SASS is read for matrix builds
     assert "tile_matmul_kernel" in text and "HGMMA" in text  # the printed table
 
 

@@ -10,10 +10,12 @@ def copy_kernel(X, Y, BLOCK: tl.constexpr):
     tl.store(Y + offs, tl.load(X + offs))
 
 
-@triton.jit
-def forgotten_kernel(X, Y, BLOCK: tl.constexpr):
-    offs = tl.arange(0, BLOCK)
-    tl.store(Y + offs, tl.load(X + offs) * 2)
+if triton is not None:  # hidden one level down, as kernels guarded by an import check are
+
+    @triton.jit
+    def forgotten_kernel(X, Y, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        tl.store(Y + offs, tl.load(X + offs) * 2)
 
 
 def sm90_builds() -> list[dict]:
