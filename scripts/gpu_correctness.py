@@ -343,7 +343,7 @@ def run_all(device: torch.device, smoke: bool) -> list[Check]:
     everything = (torch.float32, *low)
     checks = []
     checks += attention_checks(device, low if device.type == "cuda" else everything, smoke)
-    checks += decode_attention_checks(device, low, smoke)
+    checks += decode_attention_checks(device, everything, smoke)
     checks += pointwise_checks(device, everything, smoke)
     checks += cross_entropy_checks(device, everything, smoke)
     checks += adamw_checks(device, (torch.float32, *low), smoke)
