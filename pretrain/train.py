@@ -485,6 +485,12 @@ def train(
 ) -> TrainResult:
     """Train ``config.model`` and write the run (config, metrics, checkpoints) to ``out_dir``."""
     device_type = resolve_device(config.train.device)
+    if config.train.kernels == "triton" and device_type == "cpu":
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            raise UserError(
+                "train.kernels = triton on a CPU needs TRITON_INTERPRET=1 in the environment "
+                "(very slow; for tests only); use --train.kernels auto"
+            )
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     check_config(config, world_size)
     dist_info = init_distributed(device_type)

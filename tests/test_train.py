@@ -12,7 +12,15 @@ import sys
 
 import pytest
 import torch
-from train_helpers import ROOT, assert_losses_close, env, losses, records, run_train
+from train_helpers import (
+    ROOT,
+    assert_losses_close,
+    env,
+    load_checkpoint,
+    losses,
+    records,
+    run_train,
+)
 
 from pretrain.config import load_config
 from pretrain.errors import UserError
@@ -209,3 +217,19 @@ def test_plot_writes_a_png(runs):
     assert proc.returncode == 0, proc.stderr
     png = runs["accum4"] / "metrics.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_activation_checkpointing_leaves_the_losses_unchanged(tiny_dataset, tmp_path, mode):
+    plain = train(_cfg(tiny_dataset), tmp_path / "plain")
+    recomputed = train(
+        _cfg(tiny_dataset, ("train.activation_checkpointing", mode)), tmp_path / mode
+    )
+    assert recomputed.loss == plain.loss
+    assert [r["loss"] for r in records(tmp_path / mode)] == [
+        r["loss"] for r in records(tmp_path / "plain")
+    ]
+    # The wrapper does not leak into checkpoint names.
+    names = set(load_checkpoint(recomputed.checkpoint))
+    assert names == set(load_checkpoint(plain.checkpoint))
+    assert not any("_checkpoint_wrapped_module" in n for n in names)
