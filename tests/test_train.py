@@ -233,3 +233,11 @@ def test_activation_checkpointing_leaves_the_losses_unchanged(tiny_dataset, tmp_
     names = set(load_checkpoint(recomputed.checkpoint))
     assert names == set(load_checkpoint(plain.checkpoint))
     assert not any("_checkpoint_wrapped_module" in n for n in names)
+
+
+@pytest.mark.slow
+def test_compiled_blocks_train_like_eager_ones(tiny_dataset, tmp_path):
+    eager = train(_cfg(tiny_dataset), tmp_path / "eager")
+    compiled = train(_cfg(tiny_dataset, ("train.compile", "true")), tmp_path / "compiled")
+    assert_losses_close(losses(tmp_path / "eager"), losses(tmp_path / "compiled"), rtol=1e-5)
+    assert compiled.step == eager.step
