@@ -264,7 +264,7 @@ class Checkpointer:
         barrier()
         state = self._state(model, optimizer, dict(trainer))
         if self.async_save:
-            if self.dist.distributed and self._async_group is None:
+            if dist.is_initialized() and self._async_group is None:
                 # Background collectives need their own group, apart from training's.
                 self._async_group = dist.new_group(backend="gloo")
             future = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self._async_group)

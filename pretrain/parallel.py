@@ -60,8 +60,9 @@ def resolve_device(name: str) -> str:
 def init_distributed(device_type: str) -> DistInfo:
     """Join the process group described by torchrun's environment (NCCL on GPU, gloo on CPU).
 
-    Without torchrun (no ``WORLD_SIZE`` in the environment) this is a world of one and no process
-    group is created, so a plain ``pretrain train`` needs no rendezvous.
+    Without torchrun (no ``WORLD_SIZE`` in the environment) this is a world of one: on a CPU no
+    process group is created; on a GPU an in-process one (``HashStore``), which FSDP2 needs.
+    Neither needs a rendezvous.
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -76,9 +77,12 @@ def init_distributed(device_type: str) -> DistInfo:
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-    if world_size > 1 and not dist.is_initialized():
+    # A GPU gets a process group even alone: FSDP2 applies mixed precision there too.
+    if (world_size > 1 or device_type == "cuda") and not dist.is_initialized():
         backend = "nccl" if device_type == "cuda" else "gloo"
-        kwargs = {"device_id": device} if device_type == "cuda" else {}
+        kwargs: dict = {"device_id": device} if device_type == "cuda" else {}
+        if "MASTER_ADDR" not in os.environ:  # a single process without torchrun
+            kwargs.update(store=dist.HashStore(), rank=0, world_size=1)
         dist.init_process_group(backend=backend, **kwargs)
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
 

@@ -210,15 +210,16 @@ def gpu_run(config_path: str, mode: str, steps: int, micro: int, seq_len: int) -
     """tokens/s and MFU of ``steps`` training steps on random tokens on one GPU."""
     import kernels
     from pretrain.metrics import mfu, peak_flops
-    from pretrain.parallel import DistInfo, parallelize
+    from pretrain.parallel import init_distributed, parallelize
 
     cfg = load_config(config_path)
-    device = torch.device("cuda", 0)
+    dist_info = init_distributed("cuda")  # a one-process group: FSDP2 carries bf16 mixed precision
+    device = dist_info.device
     kernels.set_backend("torch" if mode == "reference" else "triton")
     torch.manual_seed(0)
     model = Transformer(cfg.model)
     flops = model.flops_per_token(seq_len)
-    model = parallelize(model, DistInfo(0, 0, 1, device), param_dtype=torch.bfloat16,
+    model = parallelize(model, dist_info, param_dtype=torch.bfloat16,
                         activation_checkpointing=cfg.train.activation_checkpointing,
                         compile=mode == "triton+compile")  # fmt: skip
     cfg.optimizer.name = "torch" if mode == "reference" else "adamw"
