@@ -120,7 +120,7 @@ async def one_request(client: httpx.AsyncClient, prompt: list[int], max_tokens: 
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             event = json.loads(line[6:])
-            if event["choices"] and event["choices"][0]["text"]:
+            if event["choices"]:
                 chunk_times.append(time.perf_counter())
             if event.get("usage"):
                 output_tokens = event["usage"]["completion_tokens"]

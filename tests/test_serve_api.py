@@ -275,6 +275,13 @@ BAD = [
     ("/v1/completions", {"prompt": "a", "max_tokens": "3"}, 400, "max_tokens", None),
     ("/v1/completions", {"prompt": "a", "max_tokens": 0}, 400, "max_tokens", None),
     ("/v1/completions", {"prompt": "a", "temperature": -0.5}, 400, "temperature", None),
+    (
+        "/v1/completions",
+        {"prompt": "a", "temperature": -1, "stream": True},
+        400,
+        "temperature",
+        None,
+    ),
     ("/v1/completions", {"prompt": "a", "top_p": 0}, 400, "top_p", None),
     ("/v1/completions", {"prompt": "a", "top_p": 1.5}, 400, "top_p", None),
     (
