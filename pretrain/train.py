@@ -633,65 +633,70 @@ def _train(
     if step == 0:
         run_eval()
     window_start, window_tokens = time.perf_counter(), 0
-    with Preemption() as preemption:
-        while step < stop_at:
-            lr = lr_at(step, t)
-            last = train_step(
-                model,
-                optimizer,
-                next(train_loader),
-                step=step + 1,
-                lr=lr,
-                micro_batch_size=t.micro_batch_size,
-                world_size=world,
-                grad_clip=t.grad_clip,
-                device=device,
-                autocast=autocast,
-                spikes=spikes,
-            )
-            step += 1
-            tokens_seen += last.tokens
-            window_tokens += last.tokens
-            log.advance()
-            if last.skipped:
-                skipped += 1
-                log.print(
-                    f"step {step}: loss {last.loss:.4f} is a spike; update skipped ({skipped} so far)"
+    try:
+        with Preemption() as preemption:
+            while step < stop_at:
+                lr = lr_at(step, t)
+                last = train_step(
+                    model,
+                    optimizer,
+                    next(train_loader),
+                    step=step + 1,
+                    lr=lr,
+                    micro_batch_size=t.micro_batch_size,
+                    world_size=world,
+                    grad_clip=t.grad_clip,
+                    device=device,
+                    autocast=autocast,
+                    spikes=spikes,
                 )
-            if step % max(config.logging.every, 1) == 0 or step == stop_at:
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                elapsed = time.perf_counter() - window_start
-                tps = window_tokens / elapsed if elapsed > 0 else 0.0
-                log.log(
-                    "train",
-                    step,
-                    {
-                        "loss": last.loss,
-                        "lr": lr,
-                        "grad_norm": last.grad_norm,
-                        "tokens_per_s": tps,
-                        "mfu": mfu(flops_per_token, tps, world, peak),
-                        "peak_mem_gb": peak_memory_gb(device),
-                        "tokens": tokens_seen,
-                        "skipped": skipped,
-                    },
-                )
-                window_start, window_tokens = time.perf_counter(), 0
-            if config.eval.every > 0 and (step % config.eval.every == 0 or step == t.steps):
-                run_eval()
-            (signalled,) = all_reduce_sum([1.0 if preemption.signal_name else 0.0], device)
-            due = config.checkpoint.every > 0 and step % config.checkpoint.every == 0
-            if signalled or due or step == stop_at:
-                last_saved = checkpointer.save(step, model, optimizer, trainer_state())
-            if signalled:
-                preempted = True
-                log.print(
-                    f"preempted by {preemption.signal_name or 'a signal on another rank'}: "
-                    f"saved {last_saved} at step {step}; rerun with --checkpoint.resume auto "
-                    "to continue"
-                )
-                break
+                step += 1
+                tokens_seen += last.tokens
+                window_tokens += last.tokens
+                log.advance()
+                if last.skipped:
+                    skipped += 1
+                    log.print(
+                        f"step {step}: loss {last.loss:.4f} is a spike; update skipped ({skipped} so far)"
+                    )
+                if step % max(config.logging.every, 1) == 0 or step == stop_at:
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)
+                    elapsed = time.perf_counter() - window_start
+                    tps = window_tokens / elapsed if elapsed > 0 else 0.0
+                    log.log(
+                        "train",
+                        step,
+                        {
+                            "loss": last.loss,
+                            "lr": lr,
+                            "grad_norm": last.grad_norm,
+                            "tokens_per_s": tps,
+                            "mfu": mfu(flops_per_token, tps, world, peak),
+                            "peak_mem_gb": peak_memory_gb(device),
+                            "tokens": tokens_seen,
+                            "skipped": skipped,
+                        },
+                    )
+                    window_start, window_tokens = time.perf_counter(), 0
+                if config.eval.every > 0 and (step % config.eval.every == 0 or step == t.steps):
+                    run_eval()
+                (signalled,) = all_reduce_sum([1.0 if preemption.signal_name else 0.0], device)
+                due = config.checkpoint.every > 0 and step % config.checkpoint.every == 0
+                if signalled or due or step == stop_at:
+                    last_saved = checkpointer.save(step, model, optimizer, trainer_state())
+                if signalled:
+                    preempted = True
+                    log.print(
+                        f"preempted by {preemption.signal_name or 'a signal on another rank'}: "
+                        f"saved {last_saved} at step {step}; rerun with --checkpoint.resume auto "
+                        "to continue"
+                    )
+                    break
+    except UserError:
+        checkpointer.finish()  # publish an asynchronous save of a good step before stopping
+        log.close()
+        raise
     checkpointer.finish()
     barrier()
     if dist_info.is_main and not preempted:

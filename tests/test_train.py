@@ -153,9 +153,13 @@ def test_cuda_without_a_gpu_says_so(tiny_dataset, tmp_path):
         train(_cfg(tiny_dataset, ("train.device", "cuda")), tmp_path / "run")
 
 
-def test_divergence_stops_naming_the_step_and_never_checkpoints_it(tiny_dataset, tmp_path):
+@pytest.mark.parametrize("async_save", ["false", "true"])
+def test_divergence_stops_naming_the_step_and_never_checkpoints_it(
+    tiny_dataset, tmp_path, async_save
+):
     cfg = _cfg(tiny_dataset, ("train.lr", "1e30"), ("train.warmup_steps", "0"),
-               ("train.grad_clip", "0"), ("checkpoint.every", "1"))  # fmt: skip
+               ("train.grad_clip", "0"), ("checkpoint.every", "1"),
+               ("checkpoint.async_save", async_save))  # fmt: skip
     with pytest.raises(UserError, match=r"diverged at step (\d+)") as info:
         train(cfg, tmp_path / "run")
     bad_step = int(info.value.args[0].split("step ")[1].split(":")[0])
