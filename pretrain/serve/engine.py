@@ -15,8 +15,8 @@ others. A row's numbers must therefore not depend on the batch it shares. Prefil
 request at a time in chunks whose boundaries depend only on that request; decode runs its linear
 layers on a batch padded to a size whose per-row results were checked at start-up to be bitwise
 those of the largest batch (BLAS kernels change with the number of rows: on CPU one row takes a
-different path than four), attention reads each row's own slot over a fixed length, and sampling
-draws with each request's own generator.
+different path than four), the output projection row by row (:class:`RowwiseHead`, on CPU),
+attention over each row's own slot and length, and sampling with each request's own generator.
 """
 
 from __future__ import annotations
