@@ -212,11 +212,20 @@ class Checkpointer:
         barrier()
 
     def latest(self) -> Path | None:
+        """The checkpoint ``latest`` names; if that is gone (a crash while a step was being
+        saved a second time), the newest complete ``step-N`` directory."""
         latest = self.root / LATEST
         if not latest.is_file():
             return None
         target = self.root / latest.read_text().strip()
-        return target if is_checkpoint_dir(target) else None
+        if is_checkpoint_dir(target):
+            return target
+        complete = sorted(
+            (int(m.group(1)), p)
+            for p in self.root.iterdir()
+            if (m := _STEP_DIR.match(p.name)) and is_checkpoint_dir(p)
+        )
+        return complete[-1][1] if complete else None
 
     def has_checkpoints(self) -> bool:
         return self.root.is_dir() and any(
