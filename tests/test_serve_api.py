@@ -359,3 +359,20 @@ def test_bad_input_gets_an_openai_error_and_the_server_carries_on(
 def test_unknown_fields_are_ignored(http):
     r = http.post("/v1/completions", json={"prompt": "a", "max_tokens": 2, "frobnicate": [1]})
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+
+
+def test_every_prompt_form_gives_one_choice_per_prompt(http, tokenizer):
+    texts = ["def f(x):", "import os"]
+    ids = [tokenizer.encode(t).ids for t in texts]
+    common = {"max_tokens": 6, "temperature": 0, "ignore_eos": True}
+    singles = [
+        http.post("/v1/completions", json={**common, "prompt": t}).json()["choices"][0]["text"]
+        for t in texts
+    ]
+    for prompt in (texts, ids):
+        out = http.post("/v1/completions", json={**common, "prompt": prompt}).json()
+        assert [c["text"] for c in out["choices"]] == singles
+        assert out["usage"]["prompt_tokens"] == sum(len(i) for i in ids)
+        assert out["usage"]["completion_tokens"] == 12
+    one = http.post("/v1/completions", json={**common, "prompt": ids[0]}).json()
+    assert one["choices"][0]["text"] == singles[0]

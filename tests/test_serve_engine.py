@@ -41,6 +41,14 @@ def _prompts(n, vocab, seed=1, max_len=60):
     return [torch.randint(0, vocab, (k,), generator=g).tolist() for k in lengths]
 
 
+def _step_until(engine, done, max_steps=2_000):
+    for _ in range(max_steps):
+        if done():
+            return
+        engine.step()
+    raise AssertionError(f"not done after {max_steps} steps")
+
+
 def _run_together(engine, prompts, params):
     requests = [engine.make_request(p, sp, lambda r, o: None) for p, sp in zip(prompts, params)]
     engine.submit(requests)
@@ -72,8 +80,7 @@ def test_decode_logits_match_the_full_forward(model, tokenizer):
     prompt = _prompts(1, model.config.vocab_size, seed=3)[0] + [5, 7]
     request = engine.make_request(prompt[:-1], SamplingParams(max_tokens=5), lambda r, o: None)
     engine.submit([request])
-    while not request.prefilled:
-        engine.step()
+    _step_until(engine, lambda: request.prefilled)
     n = len(prompt) - 1
     size = engine.batch_sizes[0]
     tokens = torch.tensor([prompt[-1]] + [0] * (size - 1))
@@ -151,7 +158,9 @@ def test_a_long_prompt_is_read_in_chunks_while_others_decode(model, tokenizer):
     )
     engine.submit([long])
     produced = []
-    while not long.prefilled:
+    for _ in range(1_000):
+        if long.prefilled:
+            break
         before = len(short.output_ids)
         engine.step()
         produced.append(len(short.output_ids) - before)
@@ -196,8 +205,7 @@ def test_eos_and_max_tokens_finish(model, tokenizer):
         lambda r, o: outputs.append(o),
     )
     engine.submit([request])
-    while not request.finished:
-        engine.step()
+    _step_until(engine, lambda: request.finished)
     assert request.output_ids == greedy[:3] and outputs[-1].finish_reason == "stop"
     assert sum(len(o.token_ids) for o in outputs) == 3
 

@@ -575,12 +575,13 @@ class Engine:
 
     def generate(self, prompt_ids: list[int], params: SamplingParams) -> list[int]:
         """Run one request to the end on the calling thread (the engine thread must not run)."""
-        done = []
-        request = self.make_request(prompt_ids, params, lambda r, out: done.append(out))
+        request = self.make_request(prompt_ids, params, lambda r, out: None)
         self.submit([request])
-        while not request.finished:
+        for _ in range(len(prompt_ids) + params.max_tokens + len(self.running) + 1):
+            if request.finished:
+                return request.output_ids
             self.step()
-        return request.output_ids
+        raise RuntimeError("generation did not finish within its token budget")
 
 
 def _token_logprobs(logprobs: torch.Tensor, chosen: list[int], k: int) -> list[TokenLogprob]:
