@@ -254,3 +254,16 @@ def test_sigterm_saves_exits_zero_and_resume_continues(tiny_dataset, tmp_path):
     run_train(tiny_dataset, run, *long, "--checkpoint.resume", "auto", "--train.stop_at", stop)
     run_train(tiny_dataset, ref, *long, "--train.stop_at", stop)
     assert losses(run) == losses(ref)
+
+
+def test_resume_accepts_a_run_directory_and_survives_a_dangling_latest(
+    runs, tiny_dataset, tmp_path
+):
+    # A run directory resolves through its checkpoints/latest: the straight run is complete.
+    done = train(_cfg(tiny_dataset, checkpoint__resume=str(runs["straight"])), tmp_path / "a")
+    assert done.step == 8 and done.checkpoint is None
+    # latest naming a directory that is gone falls back to the newest complete checkpoint.
+    run = _copy(runs, tmp_path)
+    (run / "checkpoints" / "latest").write_text("step-000006\n")
+    result = train(_cfg(tiny_dataset, checkpoint__resume="auto", train__stop_at=5), run)
+    assert result.step == 5 and sorted(losses(run)) == [1, 2, 3, 4, 5]
