@@ -91,3 +91,16 @@ def test_the_server_refuses_to_start_on_a_damaged_export(export, tmp_path):
     assert last.startswith("pretrain serve: error:")
     for fragment in expected:  # all three problems on the one line
         assert fragment in last
+
+
+def test_a_port_in_use_is_refused_before_loading():
+    import socket
+
+    from pretrain.serve.server import _check_address
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(UserError, match="choose another --port"):
+            _check_address("127.0.0.1", port)

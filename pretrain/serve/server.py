@@ -794,6 +794,26 @@ def _check_args(args: argparse.Namespace) -> None:
     path = Path(args.export)
     if not path.is_dir():
         raise UserError(f"export not found: {path} (write one with pretrain export)")
+    _check_address(args.host, args.port)
+
+
+def _check_address(host: str, port: int) -> None:
+    """Fail before loading anything when the address cannot be bound (in use, or not ours)."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise UserError(f"--host {host!r} does not resolve: {e}") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(address)
+        except OSError as e:
+            raise UserError(
+                f"cannot listen on {host}:{port} ({e.strerror}); choose another --port"
+            ) from None
 
 
 def run(args: argparse.Namespace) -> int:
