@@ -8,7 +8,6 @@ import math
 import time
 
 import numpy as np
-import pytest
 
 from pretrain.config import load_config
 from pretrain.train import train
@@ -41,7 +40,6 @@ def write_documents(directory, P, pi, num_docs: int, length: int, seed: int = 1)
         (directory / f"doc-{d:03d}.txt").write_text("".join(symbols))
 
 
-@pytest.mark.slow
 def test_val_loss_approaches_the_entropy_rate(tmp_path):
     from pretrain.data import prepare_dataset
     from pretrain.tokenizer import min_vocab_size
