@@ -411,14 +411,45 @@ def format_table(results: list[BuildResult], markdown: bool = False) -> str:
             + [str(x) if x is not None else "-" for x in (r.hgmma, r.hmma, r.ffma)]
             + ["ok" if r.ok else "FAIL"]
         )
+    return render(head, rows, markdown)
+
+
+def _span(values: list) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    lo, hi = min(values), max(values)
+    return f"{lo}" if lo == hi else f"{lo}–{hi}"
+
+
+def format_by_kernel(results: list[BuildResult], markdown: bool = False) -> str:
+    """One row per kernel: its number of builds and the range of each resource over them."""
+    kernels: dict[tuple[str, str], list[BuildResult]] = {}
+    for r in results:
+        kernels.setdefault((r.module, r.kernel), []).append(r)
+    head = ["module", "kernel", "builds", "regs", "stack", "smem KB", "HGMMA", "HMMA", "FFMA",
+            "status"]  # fmt: skip
+    rows = []
+    for (module, kernel), rs in kernels.items():
+        smem = [round(r.smem / 1024, 1) for r in rs if r.smem is not None]
+        rows.append(
+            [module, f"`{kernel}`" if markdown else kernel, str(len(rs))]
+            + [_span([getattr(r, k) for r in rs]) for k in ("regs", "stack")]
+            + [_span(smem)]
+            + [_span([getattr(r, k) for r in rs]) for k in ("hgmma", "hmma", "ffma")]
+            + ["ok" if all(r.ok for r in rs) else "FAIL"]
+        )
+    return render(head, rows, markdown)
+
+
+def render(head: list[str], rows: list[list[str]], markdown: bool) -> str:
     if markdown:
         lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
         return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
     widths = [max(len(x) for x in col) for col in zip(head, *rows)]
     fmt = "  ".join(f"{{:<{w}}}" if i < 2 else f"{{:>{w}}}" for i, w in enumerate(widths))
-    return "\n".join(
-        [fmt.format(*head), fmt.format(*("-" * w for w in widths))] + [fmt.format(*r) for r in rows]
-    )
+    lines = [fmt.format(*head), fmt.format(*("-" * w for w in widths))]
+    return "\n".join(lines + [fmt.format(*r) for r in rows])
 
 
 def write_json(path: Path, report: dict) -> None:
@@ -468,6 +499,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="check only the --module modules, not the kernels package")  # fmt: skip
     parser.add_argument("--json", type=Path, metavar="PATH", help="write the results as JSON")
     parser.add_argument("--markdown", action="store_true", help="print the table as markdown")
+    parser.add_argument("--by-kernel", action="store_true",
+                        help="one table row per kernel (ranges over its builds)")  # fmt: skip
     parser.add_argument("--sass-all", action="store_true",
                         help="count SASS instructions of every build, not only matrix ones")  # fmt: skip
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
@@ -486,7 +519,8 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(cache, ignore_errors=True)
     elapsed = time.perf_counter() - start
 
-    print(format_table(results, markdown=args.markdown))
+    table = format_by_kernel if args.by_kernel else format_table
+    print(table(results, markdown=args.markdown))
     failed = [r for r in results if not r.ok]
     for r in failed:
         for p in r.problems:

@@ -109,8 +109,11 @@ def test_matrix_kernel_without_hgmma_fails(tmp_path):
     ],
 )
 def test_kernel_without_a_build_fails(tmp_path, name, message):
-    rc, text, report = run_check(tmp_path, *fixture(name), "--jobs", "1")
+    args = (*fixture(name), "--jobs", "1", "--by-kernel", "--markdown")
+    rc, text, report = run_check(tmp_path, *args)
     assert rc == 1
     assert all(b["ok"] for b in report["builds"])  # the builds that exist are fine
+    kernel = report["builds"][0]["kernel"]
+    assert f"| tests.sm90_fixtures.{name} | `{kernel}` | 1 |" in text  # the per-kernel table
     assert any(message in p for p in report["problems"]), report["problems"]
     assert message in text
