@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from functools import partial
+from functools import lru_cache, partial
 
 import torch
 import torch.distributed as dist
@@ -96,16 +96,18 @@ def _selective_policy(ctx, op, *args, **kwargs):
     """Keep matmul and attention outputs for the backward pass; recompute everything else."""
     from torch.utils.checkpoint import CheckpointPolicy
 
+    return CheckpointPolicy.MUST_SAVE if op in _saved_ops() else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+@lru_cache(maxsize=1)
+def _saved_ops() -> frozenset:
     aten = torch.ops.aten
-    keep = {
-        aten.mm.default,
-        aten.addmm.default,
-        aten.bmm.default,
-        aten._scaled_dot_product_efficient_attention.default,
-        aten._scaled_dot_product_flash_attention.default,
-        aten._scaled_dot_product_flash_attention_for_cpu.default,
-    }
-    return CheckpointPolicy.MUST_SAVE if op in keep else CheckpointPolicy.PREFER_RECOMPUTE
+    names = (
+        "mm", "addmm", "bmm", "_scaled_dot_product_efficient_attention",
+        "_scaled_dot_product_flash_attention", "_scaled_dot_product_flash_attention_for_cpu",
+        "_scaled_dot_product_cudnn_attention",
+    )  # fmt: skip
+    return frozenset(getattr(aten, n).default for n in names if hasattr(aten, n))
 
 
 def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
