@@ -1,10 +1,11 @@
 """Tokenized data: ``pretrain prepare`` writes checksummed token shards, ``TokenLoader`` reads them.
 
 Prepare (raw text -> ``data/NAME/``):
-    1. Read documents with Hugging Face ``datasets``: local text files (one file = one document),
-       JSON/JSONL/Parquet/CSV files (one row = one document, the ``--text-field`` column) or a Hub
-       dataset. Local files are streamed, so a corpus larger than memory is fine; with no input
-       the corpus is the running interpreter's own standard library (``*.py`` files).
+    1. Read documents: local text files with plain Python (one file = one document), JSON/JSONL/
+       Parquet/CSV files (one row = one document, the ``--text-field`` column) or a Hub dataset
+       with Hugging Face ``datasets``. Local files are streamed, so a corpus larger than memory is
+       fine; with no input the corpus is the running interpreter's own standard library (``*.py``
+       files), which needs nothing beyond ``tokenizers``.
     2. Split documents into train/val by a hash of their text: deterministic, and a document (or
        any copy of it) is never in both splits.
     3. Train a byte-level BPE tokenizer on the train split (or load ``--tokenizer``).
@@ -19,8 +20,10 @@ Shard file (little-endian), ``{split}-{index:05d}.bin``::
     tokens  N items    uint16 when the vocabulary fits, else uint32; zero-padded to 8 bytes
     starts  D+1 u64    token offset of each document in the shard, then N
 
-``manifest.json`` records, per shard, its split, token/document/UTF-8 byte counts and an
-xxh3-64 checksum of the whole file, which the loader verifies before it reads a token.
+``manifest.json`` records, per shard, its split, token/document/UTF-8 byte counts and a
+checksum of the whole file (``"ALGORITHM:HEX"``), which the loader verifies before it reads a
+token. The algorithm (``checksum_algorithm`` in the manifest) also decides the train/val split:
+xxh3-64 when ``xxhash`` is installed, else BLAKE2b-64 from the standard library.
 
 Loading: a split is one concatenated token sequence cut into windows of ``seq_len + 1`` tokens
 starting every ``seq_len`` tokens (consecutive windows share their boundary token, as in nanoGPT,
@@ -57,7 +60,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import xxhash
 
 from pretrain.errors import UserError
 from pretrain.tokenizer import (
@@ -82,7 +84,9 @@ DEFAULT_VAL_FRACTION = 0.02
 DEFAULT_SHARD_TOKENS = 100_000_000
 TOKENIZER_TRAIN_BYTES = 1 << 30  # a tokenizer learns its merges from at most this much text
 BATCH_TEXT_CHARS = 1 << 20  # documents are tokenized in batches of about this many characters
-CHECKSUM = "xxh3_64"
+CHECKSUM = "xxh3_64"  # preferred: several GB/s, needs the xxhash package
+FALLBACK_CHECKSUM = "blake2b_64"  # standard library (hashlib), about 1 GB/s
+CHECKSUMS = (CHECKSUM, FALLBACK_CHECKSUM)
 
 TEXT_FIELD = "text"
 _JSON_SUFFIXES = {".json", ".jsonl", ".ndjson"}
@@ -200,7 +204,7 @@ def _group_by_format(label: str, files: list[str]) -> list[Source]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Reading documents through `datasets`.
+# Reading documents: text files with plain Python, everything else through `datasets`.
 
 
 def _open_raw(path: str):
@@ -237,24 +241,33 @@ def _repair_utf8(path: str, out_dir: Path) -> str:
     return str(target)
 
 
-def _load(source: Source, streaming: bool, scratch: Path):
-    """The ``datasets`` dataset (iterable) for one source."""
-    import datasets
+def _read_text_files(source: Source) -> Iterator[dict[str, str]]:
+    """One row per file: its whole text, compressed files decompressed.
 
+    Bad bytes become U+FFFD (counted later), never a crash, and newlines are universal
+    (``\r\n`` and ``\r`` read as ``\n``), as Python's text mode reads them.
+    """
+    for path in source.files:
+        opener = _COMPRESSED.get(Path(path).suffix, open)
+        with opener(path, "rt", encoding="utf-8", errors="replace") as f:
+            yield {TEXT_FIELD: f.read()}
+
+
+def _load(source: Source, streaming: bool, scratch: Path):
+    """The rows (an iterable of dicts) of one source."""
+    if source.builder == "text":
+        return _read_text_files(source)
+    try:
+        import datasets
+    except ImportError:
+        raise UserError(
+            f"reading --input {source.label} ({source.builder}) needs the datasets package: "
+            "pip install datasets (plain text files need only tokenizers)"
+        ) from None
     try:
         if source.builder == "hub":
             return datasets.load_dataset(
                 source.hub_id, source.hub_config, split="train", streaming=streaming
-            )
-        if source.builder == "text":
-            # One file is one document; bad bytes become U+FFFD (counted later), never a crash.
-            return datasets.load_dataset(
-                "text",
-                data_files=source.files,
-                sample_by="document",
-                encoding_errors="replace",
-                split="train",
-                streaming=True,
             )
         files = source.files
         if source.builder in ("json", "csv"):
@@ -309,9 +322,11 @@ def iter_documents(
             yield text
 
 
-def is_val_document(text_bytes: bytes, val_fraction: float) -> bool:
-    """Whether a document belongs to the val split: a hash of its bytes below the fraction."""
-    return xxhash.xxh3_64_intdigest(text_bytes) < val_fraction * 2.0**64
+def is_val_document(text_bytes: bytes, val_fraction: float, algorithm: str = CHECKSUM) -> bool:
+    """Whether a document belongs to the val split: a 64-bit hash of its bytes below the fraction."""
+    hasher = new_hasher(algorithm)
+    hasher.update(text_bytes)
+    return int.from_bytes(hasher.digest(), "big") < val_fraction * 2.0**64
 
 
 # ---------------------------------------------------------------------------------------------
@@ -430,22 +445,63 @@ def shard_file_size(num_tokens: int, num_docs: int, itemsize: int) -> int:
     return _tokens_end(num_tokens, itemsize) + 8 * (num_docs + 1)
 
 
-def file_checksum(path: str | Path) -> str:
-    """xxh3-64 of the whole file (several GB/s), as ``"xxh3_64:<hex>"``."""
-    h = xxhash.xxh3_64()
+def default_checksum() -> str:
+    """xxh3-64 when the xxhash package is installed, else BLAKE2b-64 (standard library)."""
+    try:
+        import xxhash  # noqa: F401
+    except ImportError:
+        return FALLBACK_CHECKSUM
+    return CHECKSUM
+
+
+def new_hasher(algorithm: str):
+    """A fresh 64-bit hash object (``update``/``digest``/``hexdigest``) of ``algorithm``."""
+    if algorithm == FALLBACK_CHECKSUM:
+        return hashlib.blake2b(digest_size=8)
+    if algorithm != CHECKSUM:
+        raise UserError(
+            f"unknown checksum algorithm '{algorithm}' (this version of pretrain knows "
+            f"{', '.join(CHECKSUMS)}): re-run pretrain prepare"
+        )
+    try:
+        import xxhash
+    except ImportError:
+        raise UserError(
+            f"this dataset is checksummed with {CHECKSUM}, which needs the xxhash package: "
+            "pip install xxhash (or re-run pretrain prepare without it)"
+        ) from None
+    return xxhash.xxh3_64()
+
+
+def file_checksum(path: str | Path, algorithm: str = CHECKSUM) -> str:
+    """A 64-bit hash of the whole file, as ``"ALGORITHM:HEX"`` (e.g. ``"xxh3_64:<hex>"``)."""
+    h = new_hasher(algorithm)
     with open(path, "rb") as f:
         while chunk := f.read(1 << 24):
             h.update(chunk)
-    return f"{CHECKSUM}:{h.hexdigest()}"
+    return f"{algorithm}:{h.hexdigest()}"
+
+
+def checksum_algorithm(checksum: str) -> str:
+    """The algorithm named by a ``"ALGORITHM:HEX"`` checksum."""
+    return checksum.partition(":")[0]
 
 
 class ShardWriter:
     """Appends whole documents to ``{split}-NNNNN.bin``; a shard closes once it holds
-    ``shard_tokens`` tokens (documents never straddle shards)."""
+    ``shard_tokens`` tokens (documents never straddle shards), checksummed with ``checksum``."""
 
-    def __init__(self, directory: Path, split: str, dtype: np.dtype, shard_tokens: int):
+    def __init__(
+        self,
+        directory: Path,
+        split: str,
+        dtype: np.dtype,
+        shard_tokens: int,
+        checksum: str = CHECKSUM,
+    ):
+        new_hasher(checksum)  # an unknown or unavailable algorithm fails before any writing
         self.directory, self.split, self.dtype = directory, split, np.dtype(dtype)
-        self.shard_tokens = shard_tokens
+        self.shard_tokens, self.checksum = shard_tokens, checksum
         self.entries: list[dict] = []
         self._file = None
 
@@ -491,7 +547,7 @@ class ShardWriter:
                 "num_tokens": self._num_tokens,
                 "num_docs": num_docs,
                 "num_bytes": self._num_bytes,
-                "checksum": file_checksum(path),
+                "checksum": file_checksum(path, self.checksum),
             }
         )
 
@@ -643,6 +699,7 @@ def _recipe(
     tokenizer_sha256: str | None,
     val_fraction: float,
     shard_tokens: int,
+    checksum: str = CHECKSUM,
 ) -> str:
     """A hash of everything that determines the dataset, to tell 'up to date' from 'different'."""
     inputs = []
@@ -651,6 +708,8 @@ def _recipe(
         inputs.append([s.builder, s.hub_id, s.hub_config, files])
     recipe = [FORMAT_VERSION, inputs, text_field, vocab_size, tokenizer_sha256]
     recipe += [val_fraction, shard_tokens]
+    if checksum != CHECKSUM:  # the split depends on it; recipes from before the choice stay valid
+        recipe.append(checksum)
     return hashlib.sha256(json.dumps(recipe).encode()).hexdigest()
 
 
@@ -682,22 +741,39 @@ def _check_output_dir(out: Path, recipe: str, overwrite: bool) -> bool:
     return False
 
 
-def _progress(total: int | None, desc: str, enabled: bool):
-    from tqdm.auto import tqdm
+class _NoProgress:
+    """Stands in for a progress bar where tqdm is not installed."""
 
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int | None, desc: str, enabled: bool):
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return _NoProgress()
     return tqdm(
         total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, disable=not enabled
     )
 
 
 def _train_split_texts(
-    sources: list[Source], text_field: str, streaming: bool, scratch: Path, val_fraction: float
+    sources: list[Source],
+    text_field: str,
+    streaming: bool,
+    scratch: Path,
+    val_fraction: float,
+    checksum: str,
 ) -> Iterator[str]:
     """The train split's non-empty documents, up to TOKENIZER_TRAIN_BYTES of them."""
     seen = 0
     for text in iter_documents(sources, text_field, streaming, scratch):
         data = text.encode()
-        if not data or is_val_document(data, val_fraction):
+        if not data or is_val_document(data, val_fraction, checksum):
             continue
         yield text
         seen += len(data)
@@ -734,6 +810,7 @@ def prepare_dataset(
     overwrite: bool = False,
     streaming: bool = False,
     show_progress: bool | None = None,
+    checksum: str | None = None,
     log=print,
 ) -> Manifest:
     """Tokenize ``inputs`` (default: the Python standard library) into ``out``; return its manifest.
@@ -742,6 +819,8 @@ def prepare_dataset(
     ``tokenizer.json`` instead. ``num_proc`` tokenizer processes (default one per core; 1 runs
     the tokenizer's own threads in this process). ``streaming`` streams Hub datasets (local files
     always are). Re-running with the same inputs and settings finds the dataset up to date and returns it.
+    ``checksum`` is the 64-bit hash of the shard checksums and the train/val split (default:
+    :func:`default_checksum`).
     """
     if tokenizer is not None and vocab_size is not None:
         raise UserError("give either --vocab-size (train a tokenizer) or --tokenizer, not both")
@@ -761,6 +840,8 @@ def prepare_dataset(
         raise UserError(f"--num-proc must be at least 1, got {num_proc}")
     if show_progress is None:
         show_progress = sys.stderr.isatty()
+    checksum = default_checksum() if checksum is None else checksum
+    new_hasher(checksum)  # an unknown or unavailable algorithm fails before any work
     out = Path(out)
     sources = resolve_inputs(inputs)
     tokenizer_sha = None
@@ -770,7 +851,9 @@ def prepare_dataset(
         if tokenizer.is_dir():
             tokenizer = tokenizer / TOKENIZER_FILE
         tokenizer_sha = hashlib.sha256(tokenizer.read_bytes()).hexdigest()
-    recipe = _recipe(sources, text_field, vocab_size, tokenizer_sha, val_fraction, shard_tokens)
+    recipe = _recipe(
+        sources, text_field, vocab_size, tokenizer_sha, val_fraction, shard_tokens, checksum
+    )
     if _check_output_dir(out, recipe, overwrite):
         log(f"{out} is up to date (same inputs and settings); nothing to do")
         return load_manifest(out)
@@ -782,7 +865,7 @@ def prepare_dataset(
     try:
         stats = _prepare_into(
             tmp, sources, text_field, vocab_size, tokenizer, val_fraction, shard_tokens,
-            num_proc, streaming, show_progress, recipe, log,
+            num_proc, streaming, show_progress, recipe, checksum, log,
         )  # fmt: skip
         shutil.rmtree(tmp / "scratch", ignore_errors=True)
         _replace_dir(tmp, out)
@@ -817,13 +900,16 @@ def _prepare_into(
     streaming: bool,
     show_progress: bool,
     recipe: str,
+    checksum: str,
     log,
 ) -> PrepareStats:
     start = time.perf_counter()
     scratch = tmp / "scratch"
     if tokenizer_file is None:
         log(f"training a byte-level BPE tokenizer (vocab {vocab_size}) on the train split")
-    train_texts = _train_split_texts(sources, text_field, streaming, scratch, val_fraction)
+    train_texts = _train_split_texts(
+        sources, text_field, streaming, scratch, val_fraction, checksum
+    )
     tok = _get_tokenizer(
         None if tokenizer_file is None else str(tokenizer_file), vocab_size, train_texts,
         show_progress,
@@ -842,7 +928,7 @@ def _prepare_into(
     dtype = token_dtype_for(vocab)
 
     stats = PrepareStats()
-    writers = {s: ShardWriter(tmp, s, dtype, shard_tokens) for s in ("train", "val")}
+    writers = {s: ShardWriter(tmp, s, dtype, shard_tokens, checksum) for s in ("train", "val")}
     local_bytes = sum(os.path.getsize(f) for s in sources for f in s.files)
     all_text = all(s.builder == "text" for s in sources)
     bar = _progress(local_bytes if all_text else None, "tokenizing", show_progress)
@@ -857,7 +943,7 @@ def _prepare_into(
         pos = 0
         for text, n in zip(batch, lengths):
             data = text.encode()
-            split = "val" if is_val_document(data, val_fraction) else "train"
+            split = "val" if is_val_document(data, val_fraction, checksum) else "train"
             writers[split].add(flat[pos : pos + n], len(data))
             pos += n
             stats.documents[split] += 1
@@ -891,7 +977,8 @@ def _prepare_into(
             t: tok.token_to_id(t) for t in SPECIAL_TOKENS if tok.token_to_id(t) is not None
         },
         "document_separator": "eos appended after every document",
-        "checksum": f"{CHECKSUM} over the whole shard file",
+        "checksum": f"{checksum} over the whole shard file",
+        "checksum_algorithm": checksum,
         "val_fraction": val_fraction,
         "shard_tokens": shard_tokens,
         "source": {
@@ -967,8 +1054,9 @@ _VERIFIED: dict[tuple, str] = {}  # (path, size, mtime, ctime, inode) -> checksu
 def verify_shard(shard: ShardInfo, itemsize: int) -> None:
     """Refuse a shard whose size, header or checksum disagrees with the manifest.
 
-    The checksum (xxh3-64 of the file, several GB/s) is computed once per file per process: a
-    fresh loader for every evaluation does not re-read the data unless the file changed.
+    The checksum (a 64-bit hash of the file, its algorithm named by the checksum's prefix) is
+    computed once per file per process: a fresh loader for every evaluation does not re-read the
+    data unless the file changed.
     """
     path = shard.path
     if not path.is_file():
@@ -982,7 +1070,7 @@ def verify_shard(shard: ShardInfo, itemsize: int) -> None:
         )
     key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino)
     if _VERIFIED.get(key) != shard.checksum:
-        actual = file_checksum(path)
+        actual = file_checksum(path, checksum_algorithm(shard.checksum))
         if actual != shard.checksum:
             raise UserError(
                 f"shard {path} has checksum {actual}, expected {shard.checksum} from "

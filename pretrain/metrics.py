@@ -81,11 +81,18 @@ class MetricsLogger:
         self._truncate_after(start_step)
         self._file = open(self.path, "a")
         if sys.stderr.isatty():
-            from tqdm import tqdm
-
-            self._bar = tqdm(
-                total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, leave=False
-            )
+            try:
+                from tqdm import tqdm
+            except ImportError:
+                pass  # no progress bar without tqdm; the console lines still come
+            else:
+                self._bar = tqdm(
+                    total=total_steps,
+                    initial=start_step,
+                    unit="step",
+                    dynamic_ncols=True,
+                    leave=False,
+                )
         if wandb_config is not None:
             self._wandb = _start_wandb(out_dir, wandb_config)
 

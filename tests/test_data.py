@@ -15,7 +15,10 @@ from conftest import write_tiny_corpus
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
 from pretrain.data import (
+    CHECKSUM,
+    FALLBACK_CHECKSUM,
     TokenLoader,
+    default_checksum,
     default_corpus_files,
     load_manifest,
     prepare_dataset,
@@ -427,3 +430,39 @@ def test_corrupted_shards_are_refused(tmp_path, sharded):
     shard.unlink()
     with pytest.raises(UserError, match="train-00001.bin listed in manifest.json is missing"):
         TokenLoader(data, seq_len=8, batch_size=2)
+
+
+def test_hashlib_checksummed_dataset_verifies_and_detects_corruption(tmp_path, corpus, sharded):
+    data = tmp_path / "blake"
+    prepare_dataset(
+        data, [str(corpus[0].parent)], vocab_size=300, val_fraction=0.1, shard_tokens=3000,
+        num_proc=1, checksum=FALLBACK_CHECKSUM, log=lambda *a: None,
+    )  # fmt: skip
+    raw = json.loads((data / "manifest.json").read_text())
+    assert raw["checksum_algorithm"] == FALLBACK_CHECKSUM
+    assert all(s["checksum"].startswith(f"{FALLBACK_CHECKSUM}:") for s in raw["shards"])
+    assert len(raw["shards"]) > 2
+    assert raw["stats"]["documents"]["train"] + raw["stats"]["documents"]["val"] == len(corpus)
+    assert len(take(TokenLoader(data, seq_len=8, batch_size=2), 3)) == 3
+    shard = data / "train-00001.bin"
+    corrupted = bytearray(shard.read_bytes())
+    corrupted[100] ^= 0xFF
+    shard.write_bytes(corrupted)
+    with pytest.raises(UserError, match=rf"train-00001.bin has checksum {FALLBACK_CHECKSUM}:\w+, "):
+        TokenLoader(data, seq_len=8, batch_size=2)
+
+
+def test_without_xxhash_datasets_fall_back_and_xxh3_ones_ask_for_it(tmp_path, sharded, monkeypatch):
+    old = tmp_path / "old"
+    shutil.copytree(sharded, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    assert manifest.pop("checksum_algorithm") == CHECKSUM
+    (old / "manifest.json").write_text(json.dumps(manifest))  # as written before the field
+    TokenLoader(old, seq_len=8, batch_size=2)
+
+    monkeypatch.setitem(sys.modules, "xxhash", None)  # `import xxhash` raises ImportError
+    assert default_checksum() == FALLBACK_CHECKSUM
+    fresh = tmp_path / "fresh"  # new files, not yet verified in this process
+    shutil.copytree(sharded, fresh)
+    with pytest.raises(UserError, match="checksummed with xxh3_64.*pip install xxhash"):
+        TokenLoader(fresh, seq_len=8, batch_size=2)
