@@ -5,8 +5,8 @@
 #      float64 reference, fp32/bf16/fp16),
 #   2. kernel benchmarks against PyTorch (scripts/bench_kernels.py --quick),
 #   3. a short gpt2-124m training run (configs/gpt2-124m.toml, fewer steps) reporting MFU, on data
-#      prepared on the fly from this Python's standard library (needs tokenizers, datasets and
-#      xxhash; skipped with a message otherwise),
+#      prepared on the fly from this Python's standard library (needs tokenizers, nothing else
+#      beyond torch and numpy; skipped with a message otherwise),
 #   4. the same run on 2 processes (torchrun) when the machine has 2 or more GPUs,
 # then one summary table, also written as JSON to OUT/gpu_check.json.
 #
@@ -57,7 +57,8 @@ run_step correctness 150 "$PY" scripts/gpu_correctness.py --json "$OUT/correctne
 run_step bench 230 "$PY" scripts/bench_kernels.py --quick --json "$OUT/bench.json"
 
 # Training data: the standard library's top-level modules, tokenized with a GPT-2-sized BPE.
-if "$PY" -c "import tokenizers, datasets, xxhash" 2>/dev/null; then
+# Plain text files need only tokenizers (not datasets; blake2b checksums when xxhash is missing).
+if "$PY" -c "import tokenizers" 2>/dev/null; then
   STDLIB=$("$PY" -c "import sysconfig; print(sysconfig.get_paths()['stdlib'])")
   run_step prepare 90 "$PY" -m pretrain.cli prepare --out "$OUT/data" --input "$STDLIB/*.py" \
     --vocab-size 50304 --val-fraction 0.02
@@ -76,7 +77,7 @@ if "$PY" -c "import tokenizers, datasets, xxhash" 2>/dev/null; then
     printf 'train_2gpu\tskipped (one GPU)\t0\n' >>"$OUT/steps.tsv"
   fi
 else
-  printf 'train_1gpu\tskipped (needs tokenizers, datasets, xxhash: pip install -e .)\t0\n' \
+  printf 'train_1gpu\tskipped (needs tokenizers: pip install tokenizers)\t0\n' \
     >>"$OUT/steps.tsv"
 fi
 
