@@ -108,7 +108,9 @@ class TrainConfig:
     activation_checkpointing: str = "none"  # none | full | selective
     skip_spikes: bool = False  # skip a step whose loss is an outlier (counted and logged)
     spike_threshold: float = 6.0  # z-score of the loss against its running statistics
-    stop_at: int = 0  # stop (with a checkpoint) after this step; the schedule still spans train.steps
+    stop_at: int = (
+        0  # stop (with a checkpoint) after this step; the schedule still spans train.steps
+    )
 
 
 @dataclass
