@@ -467,8 +467,8 @@ def new_hasher(algorithm: str):
         import xxhash
     except ImportError:
         raise UserError(
-            f"this dataset is checksummed with {CHECKSUM}, which needs the xxhash package: "
-            "pip install xxhash (or re-run pretrain prepare without it)"
+            f"{CHECKSUM} checksums need the xxhash package: pip install xxhash (or re-run "
+            f"pretrain prepare without it, which checksums with {FALLBACK_CHECKSUM})"
         ) from None
     return xxhash.xxh3_64()
 
@@ -1070,7 +1070,10 @@ def verify_shard(shard: ShardInfo, itemsize: int) -> None:
         )
     key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino)
     if _VERIFIED.get(key) != shard.checksum:
-        actual = file_checksum(path, checksum_algorithm(shard.checksum))
+        try:
+            actual = file_checksum(path, checksum_algorithm(shard.checksum))
+        except UserError as e:
+            raise UserError(f"shard {path}: {e}") from None
         if actual != shard.checksum:
             raise UserError(
                 f"shard {path} has checksum {actual}, expected {shard.checksum} from "
