@@ -12,7 +12,7 @@ Layout of a run's checkpoints::
 The DCP state dict has three entries: ``"model"`` (the model's state dict with the plain names of
 ``pretrain.model.Transformer.state_dict()``, whatever wrapping FSDP, compile or activation
 checkpointing added), ``"optimizer"`` (the optimizer state keyed by the same names) and
-``"trainer"`` (bytes: ``torch.save`` of a dict with the step, tokens seen, the schedule, the loader
+``"trainer"`` (bytes: ``torch.save`` of a dict, read back with ``weights_only=True``, with the step, tokens seen, the schedule, the loader
 state and RNG states of every rank). DCP reshards on load, so a run saved by N ranks resumes on M.
 
 Publication is atomic: every rank writes into ``.tmp-step-000100``; rank 0 then adds the config and
@@ -346,7 +346,7 @@ class Checkpointer:
         _dcp_load(state, path)
         set_model_state_dict(model, state["model"])
         set_optimizer_state_dict(model, optimizer, state["optimizer"])
-        trainer = torch.load(io.BytesIO(state["trainer"]), weights_only=False)
+        trainer = torch.load(io.BytesIO(state["trainer"]), weights_only=True)
         if self.dist.is_main:
             print(f"resumed from {path} at step {trainer['step']}", flush=True)
         return trainer
