@@ -2,7 +2,7 @@
 # The main job on a fresh clone, every stage on the default corpus with the tiny config:
 #   set up .venv -> prepare (Python's own stdlib as the corpus) -> train -> plot -> export
 #   -> serve in the background -> one completion and one chat request with curl -> stop.
-# Runs on a CPU (about 10 minutes on 2 cores) or a GPU. Stops with a clear message at the first
+# Runs on a CPU (about 6 minutes on 2 cores from a fresh clone) or a GPU. Stops with a clear message at the first
 # failing step. Knobs: QUICKSTART_STEPS (training steps, default 200), QUICKSTART_PORT (8765).
 set -euo pipefail
 cd "$(dirname "$0")/.."
