@@ -508,6 +508,39 @@ def train(
         destroy_distributed()
 
 
+@dataclass
+class _Run:
+    """The parts of one run that the loop, its evaluations and its checkpoints all use."""
+
+    config: Any
+    dist_info: DistInfo
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    autocast: Callable[[], contextlib.AbstractContextManager]
+    train_loader: Any
+    make_val_loader: LoaderFactory | None
+    bytes_per_token: float | None
+    spikes: SpikeDetector | None
+    checkpointer: Any
+    log: MetricsLogger
+    flops_per_token: float
+    peak_flops: float | None
+
+
+@dataclass
+class _Progress:
+    """Where the run stands; ``step``, ``tokens_seen`` and ``skipped`` go into checkpoints."""
+
+    step: int = 0
+    tokens_seen: int = 0
+    skipped: int = 0
+    last: StepStats | None = None  # the latest step's statistics
+    val_loss: float | None = None
+    val_bpb: float | None = None
+    last_saved: Path | None = None  # the checkpoint written last
+    preempted: bool = False
+
+
 def _train(
     config,
     out_dir: Path,
@@ -518,20 +551,108 @@ def _train(
     bytes_per_token,
     tokenizer_path,
 ) -> TrainResult:
+    """Set the run up (data, checkpoints, model, optimizer, resume, log), train, summarise."""
     import kernels
     from pretrain import checkpoint as ckpt
-    from pretrain.model import Transformer
 
     t = config.train
     device, world, rank = dist_info.device, dist_info.world_size, dist_info.rank
     accum = check_config(config, world)
     if make_train_loader is None:
-        default_train, default_val, default_bpt, default_tok = _data_loaders(config, dist_info)
-        make_train_loader = default_train
-        make_val_loader = make_val_loader or default_val
-        bytes_per_token = bytes_per_token if bytes_per_token is not None else default_bpt
-        tokenizer_path = tokenizer_path or default_tok
+        make_train_loader, make_val_loader, bytes_per_token, tokenizer_path = _default_data(
+            config, dist_info, make_val_loader, bytes_per_token, tokenizer_path
+        )
     kernels.set_backend(t.kernels)
+    checkpointer, resume_from = _open_checkpointer(config, out_dir, dist_info, tokenizer_path)
+    model, param_dtype, flops_per_token, n_params = _build_model(config, dist_info)
+    optimizer = build_optimizer(model, config, device)
+    train_loader = make_train_loader(rank, world)
+    spikes = SpikeDetector(t.spike_threshold) if t.skip_spikes else None
+
+    progress = _Progress()
+    if resume_from is not None:
+        _resume(progress, checkpointer, resume_from, config, model, optimizer, train_loader, spikes)
+    elif config.checkpoint.init_from:
+        ckpt.load_weights(config.checkpoint.init_from, model)
+
+    log = _open_log(config, out_dir, dist_info, progress.step)
+    if dist_info.is_main:
+        _write_run_header(
+            config,
+            out_dir,
+            log,
+            dist_info,
+            step=progress.step,
+            resume_from=resume_from,
+            n_params=n_params,
+            param_dtype=param_dtype,
+            accum=accum,
+        )
+    run = _Run(
+        config=config,
+        dist_info=dist_info,
+        model=model,
+        optimizer=optimizer,
+        autocast=_autocast_factory(param_dtype, dist_info),
+        train_loader=train_loader,
+        make_val_loader=make_val_loader,
+        bytes_per_token=bytes_per_token,
+        spikes=spikes,
+        checkpointer=checkpointer,
+        log=log,
+        flops_per_token=flops_per_token,
+        peak_flops=peak_flops(device),
+    )
+
+    if progress.step == 0:
+        _evaluate_and_log(run, progress)
+    try:
+        _train_until(run, progress, stop_at=t.steps if t.stop_at <= 0 else min(t.steps, t.stop_at))
+    except UserError:
+        checkpointer.finish()  # publish an asynchronous save of a good step before stopping
+        log.close()
+        raise
+    checkpointer.finish()
+    barrier()
+    if dist_info.is_main and not progress.preempted:
+        log.print(_summary_line(progress, t.steps, out_dir))
+    log.close()
+    return TrainResult(
+        out_dir=out_dir,
+        step=progress.step,
+        loss=progress.last.loss if progress.last else None,
+        val_loss=progress.val_loss,
+        val_bpb=progress.val_bpb,
+        checkpoint=progress.last_saved,
+        preempted=progress.preempted,
+    )
+
+
+# --------------------------------------------------------------------------- setting a run up
+
+
+def _default_data(config, dist_info: DistInfo, make_val_loader, bytes_per_token, tokenizer_path):
+    """Loaders over ``data.path`` when the caller brought none (pretraining, not fine-tuning).
+
+    Whatever the caller did pass (a val loader, bytes per token, a tokenizer) wins over what
+    the data manifest says.
+    """
+    default_train, default_val, default_bpt, default_tok = _data_loaders(config, dist_info)
+    return (
+        default_train,
+        make_val_loader or default_val,
+        bytes_per_token if bytes_per_token is not None else default_bpt,
+        tokenizer_path or default_tok,
+    )
+
+
+def _open_checkpointer(config, out_dir: Path, dist_info: DistInfo, tokenizer_path):
+    """The run's checkpointer and the checkpoint to resume from (None: start fresh).
+
+    Starting fresh in a directory that holds an earlier run's checkpoints is refused: the new
+    run would write its checkpoints among the old ones.
+    """
+    from pretrain import checkpoint as ckpt
 
     checkpointer = ckpt.Checkpointer(
         out_dir, dist_info=dist_info, config=config, tokenizer_path=tokenizer_path
@@ -542,12 +663,23 @@ def _train(
             f"{out_dir} already holds checkpoints of an earlier run; continue it with "
             "--checkpoint.resume auto, or choose another --out"
         )
+    return checkpointer, resume_from
 
+
+def _build_model(config, dist_info: DistInfo):
+    """Seed, build the model and parallelize it; return it with its dtype, FLOPs/token, size.
+
+    Seeding comes first so that the initial weights depend on ``train.seed`` alone; FLOPs and
+    parameter count are read before :func:`parallelize` shards the parameters.
+    """
+    from pretrain.model import Transformer
+
+    t = config.train
     seed_everything(t.seed)
     model = Transformer(config.model)
     flops_per_token = model.flops_per_token(config.data.seq_len)
     n_params = model.num_params()
-    param_dtype = _param_dtype(config, device)
+    param_dtype = _param_dtype(config, dist_info.device)
     model = parallelize(
         model,
         dist_info,
@@ -555,169 +687,234 @@ def _train(
         activation_checkpointing=t.activation_checkpointing,
         compile=t.compile,
     )
-    model.to(device)
+    model.to(dist_info.device)
     model.train()
-    use_autocast = param_dtype != torch.float32 and not (world > 1 or device.type == "cuda")
+    return model, param_dtype, flops_per_token, n_params
+
+
+def _autocast_factory(
+    param_dtype: torch.dtype, dist_info: DistInfo
+) -> Callable[[], contextlib.AbstractContextManager]:
+    """The context the forward passes run in: autocast to ``param_dtype`` on a single CPU process.
+
+    Where :func:`parallelize` applies FSDP2 (several ranks, or CUDA) its mixed-precision policy
+    already casts, so autocast would be redundant there.
+    """
+    device = dist_info.device
+    use_autocast = param_dtype != torch.float32 and not (
+        dist_info.world_size > 1 or device.type == "cuda"
+    )
 
     def autocast():
         if use_autocast:
             return torch.autocast(device.type, dtype=param_dtype)
         return contextlib.nullcontext()
 
-    optimizer = build_optimizer(model, config, device)
-    train_loader = make_train_loader(rank, world)
-    spikes = SpikeDetector(t.spike_threshold) if t.skip_spikes else None
+    return autocast
 
-    step, tokens_seen, skipped = 0, 0, 0
-    if resume_from is not None:
-        state = checkpointer.load(resume_from, model, optimizer)
-        apply_hyperparameters(optimizer, config)
-        step, tokens_seen, skipped = state["step"], state["tokens_seen"], state["skipped"]
-        train_loader.load_state_dict(checkpointer.loader_state_for_rank(state))
-        checkpointer.restore_rng(state)
-        if spikes is not None and state.get("spikes"):
-            spikes.load_state_dict(state["spikes"])
-    elif config.checkpoint.init_from:
-        ckpt.load_weights(config.checkpoint.init_from, model)
 
-    log = MetricsLogger(
+def _resume(
+    progress: _Progress, checkpointer, path: Path, config, model, optimizer, train_loader, spikes
+) -> None:
+    """Continue from checkpoint ``path``: weights, optimizer, counters, data position, RNG, spikes.
+
+    The config's optimizer hyperparameters are applied over the restored param groups, so the
+    resumed run follows the config it is given now, not the one saved with the checkpoint.
+    """
+    state = checkpointer.load(path, model, optimizer)
+    apply_hyperparameters(optimizer, config)
+    progress.step, progress.tokens_seen = state["step"], state["tokens_seen"]
+    progress.skipped = state["skipped"]
+    train_loader.load_state_dict(checkpointer.loader_state_for_rank(state))
+    checkpointer.restore_rng(state)
+    if spikes is not None and state.get("spikes"):
+        spikes.load_state_dict(state["spikes"])
+
+
+def _open_log(config, out_dir: Path, dist_info: DistInfo, step: int) -> MetricsLogger:
+    """The metrics log, started at ``step`` (it drops records a resumed run will write again)."""
+    return MetricsLogger(
         out_dir,
         enabled=dist_info.is_main,
-        total_steps=t.steps,
+        total_steps=config.train.steps,
         start_step=step,
         wandb_config=config.to_dict() if config.logging.wandb else None,
     )
-    if dist_info.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_config(config, out_dir / "config.toml")
-        log.print("resolved config:\n" + config_to_toml(config).rstrip())
-        how = f"resuming from {resume_from}" if resume_from else "starting fresh"
-        log.print(
-            f"model: {n_params / 1e6:.2f}M parameters | world size {world} | device "
-            f"{device.type} | {param_dtype} | grad accumulation {accum} | {how} at step {step}"
-        )
 
-    def trainer_state() -> dict:
-        return {
-            "step": step,
-            "tokens_seen": tokens_seen,
-            "skipped": skipped,
-            "lr": lr_at(max(step - 1, 0), t),
-            "schedule": t.schedule,
-            "spikes": spikes.state_dict() if spikes is not None else None,
-            "loader": train_loader.state_dict(),
-        }
 
-    peak = peak_flops(device)
-    val_loss = val_bpb = None
-    last: StepStats | None = None
-    last_saved: Path | None = None
+def _write_run_header(
+    config,
+    out_dir: Path,
+    log: MetricsLogger,
+    dist_info: DistInfo,
+    *,
+    step: int,
+    resume_from: Path | None,
+    n_params: int,
+    param_dtype: torch.dtype,
+    accum: int,
+) -> None:
+    """Save ``config.toml`` and print the resolved config and what this run is (main rank).
 
-    def run_eval() -> None:
-        nonlocal val_loss, val_bpb
-        if make_val_loader is None or config.eval.every <= 0:
-            return
-        val_loss = evaluate(
-            model,
-            make_val_loader(rank, world),
-            batches=config.eval.batches,
-            micro_batch_size=t.micro_batch_size,
-            device=device,
-            autocast=autocast,
-        )
-        val_bpb = val_loss / math.log(2) / bytes_per_token if bytes_per_token else None
-        log.log("eval", step, {"val_loss": val_loss, "val_bpb": val_bpb})
-
-    stop_at = t.steps if t.stop_at <= 0 else min(t.steps, t.stop_at)
-    preempted = False
-    if step == 0:
-        run_eval()
-    window_start, window_tokens = time.perf_counter(), 0
-    try:
-        with Preemption() as preemption:
-            while step < stop_at:
-                lr = lr_at(step, t)
-                last = train_step(
-                    model,
-                    optimizer,
-                    next(train_loader),
-                    step=step + 1,
-                    lr=lr,
-                    micro_batch_size=t.micro_batch_size,
-                    world_size=world,
-                    grad_clip=t.grad_clip,
-                    device=device,
-                    autocast=autocast,
-                    spikes=spikes,
-                )
-                step += 1
-                tokens_seen += last.tokens
-                window_tokens += last.tokens
-                log.advance()
-                if last.skipped:
-                    skipped += 1
-                    log.print(
-                        f"step {step}: loss {last.loss:.4f} is a spike; update skipped ({skipped} so far)"
-                    )
-                if step % max(config.logging.every, 1) == 0 or step == stop_at:
-                    if device.type == "cuda":
-                        torch.cuda.synchronize(device)
-                    elapsed = time.perf_counter() - window_start
-                    tps = window_tokens / elapsed if elapsed > 0 else 0.0
-                    log.log(
-                        "train",
-                        step,
-                        {
-                            "loss": last.loss,
-                            "lr": lr,
-                            "grad_norm": last.grad_norm,
-                            "tokens_per_s": tps,
-                            "mfu": mfu(flops_per_token, tps, world, peak),
-                            "peak_mem_gb": peak_memory_gb(device),
-                            "tokens": tokens_seen,
-                            "skipped": skipped,
-                        },
-                    )
-                    window_start, window_tokens = time.perf_counter(), 0
-                if config.eval.every > 0 and (step % config.eval.every == 0 or step == t.steps):
-                    run_eval()
-                (signalled,) = all_reduce_sum([1.0 if preemption.signal_name else 0.0], device)
-                due = config.checkpoint.every > 0 and step % config.checkpoint.every == 0
-                if signalled or due or step == stop_at:
-                    last_saved = checkpointer.save(step, model, optimizer, trainer_state())
-                if signalled:
-                    preempted = True
-                    log.print(
-                        f"preempted by {preemption.signal_name or 'a signal on another rank'}: "
-                        f"saved {last_saved} at step {step}; rerun with --checkpoint.resume auto "
-                        "to continue"
-                    )
-                    break
-    except UserError:
-        checkpointer.finish()  # publish an asynchronous save of a good step before stopping
-        log.close()
-        raise
-    checkpointer.finish()
-    barrier()
-    if dist_info.is_main and not preempted:
-        summary = f"done: step {step}/{t.steps}"
-        if last is not None:
-            summary += f" | loss {last.loss:.4f}"
-        if val_loss is not None:
-            summary += f" | val_loss {val_loss:.4f}"
-        if val_bpb is not None:
-            summary += f" | val_bpb {val_bpb:.4f}"
-        log.print(summary + f" | {out_dir}")
-    log.close()
-    return TrainResult(
-        out_dir=out_dir,
-        step=step,
-        loss=last.loss if last else None,
-        val_loss=val_loss,
-        val_bpb=val_bpb,
-        checkpoint=last_saved,
-        preempted=preempted,
+    The saved config is what a later resume or export reads, and the printed one is what the
+    run actually used after defaults and overrides.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_config(config, out_dir / "config.toml")
+    log.print("resolved config:\n" + config_to_toml(config).rstrip())
+    how = f"resuming from {resume_from}" if resume_from else "starting fresh"
+    log.print(
+        f"model: {n_params / 1e6:.2f}M parameters | world size {dist_info.world_size} | device "
+        f"{dist_info.device.type} | {param_dtype} | grad accumulation {accum} | {how} at step {step}"
     )
+
+
+# --------------------------------------------------------------------------- running it
+
+
+def _train_until(run: _Run, progress: _Progress, stop_at: int) -> None:
+    """Step until ``stop_at``, logging, evaluating and checkpointing as the config says.
+
+    A SIGTERM/SIGUSR1 on any rank ends the loop after the current step, with a checkpoint; all
+    ranks agree on it through an all-reduce, so they save and stop at the same step.
+    """
+    config, device = run.config, run.dist_info.device
+    t = config.train
+    window_start, window_tokens = time.perf_counter(), 0
+    with Preemption() as preemption:
+        while progress.step < stop_at:
+            lr = lr_at(progress.step, t)
+            _take_step(run, progress, lr)
+            step = progress.step
+            window_tokens += progress.last.tokens
+            if step % max(config.logging.every, 1) == 0 or step == stop_at:
+                tokens_per_s = _tokens_per_second(window_tokens, window_start, device)
+                _log_train(run, progress, lr, tokens_per_s)
+                window_start, window_tokens = time.perf_counter(), 0
+            if config.eval.every > 0 and (step % config.eval.every == 0 or step == t.steps):
+                _evaluate_and_log(run, progress)
+            (signalled,) = all_reduce_sum([1.0 if preemption.signal_name else 0.0], device)
+            due = config.checkpoint.every > 0 and step % config.checkpoint.every == 0
+            if signalled or due or step == stop_at:
+                progress.last_saved = run.checkpointer.save(
+                    step, run.model, run.optimizer, _trainer_state(run, progress)
+                )
+            if signalled:
+                progress.preempted = True
+                run.log.print(
+                    f"preempted by {preemption.signal_name or 'a signal on another rank'}: "
+                    f"saved {progress.last_saved} at step {step}; rerun with "
+                    "--checkpoint.resume auto to continue"
+                )
+                break
+
+
+def _take_step(run: _Run, progress: _Progress, lr: float) -> None:
+    """One optimizer step on the next global batch, counted in ``progress``.
+
+    A step whose loss is a spike still counts (its batch was consumed) but is reported, so a
+    run that keeps skipping is visible on the console.
+    """
+    t = run.config.train
+    progress.last = train_step(
+        run.model,
+        run.optimizer,
+        next(run.train_loader),
+        step=progress.step + 1,
+        lr=lr,
+        micro_batch_size=t.micro_batch_size,
+        world_size=run.dist_info.world_size,
+        grad_clip=t.grad_clip,
+        device=run.dist_info.device,
+        autocast=run.autocast,
+        spikes=run.spikes,
+    )
+    progress.step += 1
+    progress.tokens_seen += progress.last.tokens
+    run.log.advance()
+    if progress.last.skipped:
+        progress.skipped += 1
+        run.log.print(
+            f"step {progress.step}: loss {progress.last.loss:.4f} is a spike; "
+            f"update skipped ({progress.skipped} so far)"
+        )
+
+
+def _tokens_per_second(tokens: int, since: float, device: torch.device) -> float:
+    """Throughput since ``since``; CUDA is synchronised first, since its kernels run async."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elapsed = time.perf_counter() - since
+    return tokens / elapsed if elapsed > 0 else 0.0
+
+
+def _log_train(run: _Run, progress: _Progress, lr: float, tokens_per_s: float) -> None:
+    """Record the latest step's loss, rate, throughput, MFU and memory in the metrics log."""
+    device, last = run.dist_info.device, progress.last
+    run.log.log(
+        "train",
+        progress.step,
+        {
+            "loss": last.loss,
+            "lr": lr,
+            "grad_norm": last.grad_norm,
+            "tokens_per_s": tokens_per_s,
+            "mfu": mfu(run.flops_per_token, tokens_per_s, run.dist_info.world_size, run.peak_flops),
+            "peak_mem_gb": peak_memory_gb(device),
+            "tokens": progress.tokens_seen,
+            "skipped": progress.skipped,
+        },
+    )
+
+
+def _evaluate_and_log(run: _Run, progress: _Progress) -> None:
+    """Validation loss (and bits per byte) at the current step, kept in ``progress`` and logged.
+
+    The val loader is made afresh each time so every evaluation sees the same batches; nothing
+    happens without val data or with ``eval.every <= 0``.
+    """
+    config = run.config
+    if run.make_val_loader is None or config.eval.every <= 0:
+        return
+    val_loss = evaluate(
+        run.model,
+        run.make_val_loader(run.dist_info.rank, run.dist_info.world_size),
+        batches=config.eval.batches,
+        micro_batch_size=config.train.micro_batch_size,
+        device=run.dist_info.device,
+        autocast=run.autocast,
+    )
+    bpt = run.bytes_per_token
+    progress.val_loss = val_loss
+    progress.val_bpb = val_loss / math.log(2) / bpt if bpt else None
+    run.log.log("eval", progress.step, {"val_loss": val_loss, "val_bpb": progress.val_bpb})
+
+
+def _trainer_state(run: _Run, progress: _Progress) -> dict:
+    """The loop's own state for a checkpoint, beside the model and optimizer: what a resume
+    needs to continue exactly (counters, data position, spike statistics)."""
+    t = run.config.train
+    return {
+        "step": progress.step,
+        "tokens_seen": progress.tokens_seen,
+        "skipped": progress.skipped,
+        "lr": lr_at(max(progress.step - 1, 0), t),
+        "schedule": t.schedule,
+        "spikes": run.spikes.state_dict() if run.spikes is not None else None,
+        "loader": run.train_loader.state_dict(),
+    }
+
+
+def _summary_line(progress: _Progress, total_steps: int, out_dir: Path) -> str:
+    """The closing console line: where the run got to and its last losses."""
+    summary = f"done: step {progress.step}/{total_steps}"
+    if progress.last is not None:
+        summary += f" | loss {progress.last.loss:.4f}"
+    if progress.val_loss is not None:
+        summary += f" | val_loss {progress.val_loss:.4f}"
+    if progress.val_bpb is not None:
+        summary += f" | val_bpb {progress.val_bpb:.4f}"
+    return summary + f" | {out_dir}"
 
 
 def main(argv: list[str] | None = None) -> int:
