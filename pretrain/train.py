@@ -40,7 +40,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -226,6 +226,33 @@ def _total_grad_norm(model: torch.nn.Module, max_norm: float) -> float:
     return float(norm)
 
 
+def _micro_batch_losses(
+    model: torch.nn.Module,
+    batch,
+    micro_batch_size: int,
+    device: torch.device,
+    autocast: Callable[[], contextlib.AbstractContextManager],
+) -> Iterator[torch.Tensor]:
+    """The summed token loss of each micro-batch of ``batch``, one forward pass at a time.
+
+    Training and evaluation walk a rank's rows the same way; the caller decides what to do with
+    each loss (backward, or just add it up) before the next forward pass runs.
+    """
+    inputs = batch.inputs.to(device, non_blocking=True)
+    targets = batch.targets.to(device, non_blocking=True)
+    doc_ids = batch.doc_ids.to(device, non_blocking=True) if batch.doc_ids is not None else None
+    for start in range(0, inputs.shape[0], micro_batch_size):
+        rows = slice(start, start + micro_batch_size)
+        with autocast():
+            loss = model(
+                inputs[rows],
+                targets[rows],
+                doc_ids=doc_ids[rows] if doc_ids is not None else None,
+                reduction="sum",
+            )
+        yield loss
+
+
 def forward_backward(
     model: torch.nn.Module,
     batch,
@@ -240,24 +267,13 @@ def forward_backward(
     Each micro-batch contributes ``sum of its token losses / global token count``; FSDP
     averages gradients over ranks, hence the factor ``world_size``.
     """
-    inputs = batch.inputs.to(device, non_blocking=True)
-    targets = batch.targets.to(device, non_blocking=True)
-    doc_ids = batch.doc_ids.to(device, non_blocking=True) if batch.doc_ids is not None else None
-    local_tokens = int((targets != -100).sum())
+    local_tokens = int((batch.targets != -100).sum())
     (global_tokens,) = all_reduce_sum([local_tokens], device)
     if global_tokens == 0:
         raise UserError("a training batch has no target tokens (every target is -100)")
     scale = world_size / global_tokens
     loss_sum = torch.zeros((), device=device, dtype=torch.float32)
-    for start in range(0, inputs.shape[0], micro_batch_size):
-        rows = slice(start, start + micro_batch_size)
-        with autocast():
-            loss = model(
-                inputs[rows],
-                targets[rows],
-                doc_ids=doc_ids[rows] if doc_ids is not None else None,
-                reduction="sum",
-            )
+    for loss in _micro_batch_losses(model, batch, micro_batch_size, device, autocast):
         (loss * scale).backward()
         loss_sum += loss.detach().float()
     (total,) = all_reduce_sum([loss_sum.item()], device)
@@ -323,19 +339,9 @@ def evaluate(
     tokens = 0
     for _ in range(batches):
         batch = next(loader)
-        inputs, targets = batch.inputs.to(device), batch.targets.to(device)
-        doc_ids = batch.doc_ids.to(device) if batch.doc_ids is not None else None
-        for start in range(0, inputs.shape[0], micro_batch_size):
-            rows = slice(start, start + micro_batch_size)
-            with autocast():
-                loss = model(
-                    inputs[rows],
-                    targets[rows],
-                    doc_ids=doc_ids[rows] if doc_ids is not None else None,
-                    reduction="sum",
-                )
+        for loss in _micro_batch_losses(model, batch, micro_batch_size, device, autocast):
             loss_sum += loss.double()
-        tokens += int((targets != -100).sum())
+        tokens += int((batch.targets != -100).sum())
     model.train()
     total, count = all_reduce_sum([loss_sum.item(), tokens], device)
     return total / max(count, 1)
