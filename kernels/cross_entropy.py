@@ -6,6 +6,18 @@ loss with respect to those logits (softmax minus one-hot, times 1/valid-token-co
 while writing each token's loss. Two more matmuls fold that chunk's gradient into the gradients of
 ``hidden`` and ``weight`` before the next chunk reuses the memory; the backward pass only scales
 them by the incoming gradient.
+
+The weight gradient is kept in fp32 and each chunk's bf16/fp16 product is accumulated into it by
+the matmul itself (``addmm`` with ``out_dtype=float32``, CUDA with torch >= 2.8): a separate
+``grad_weight += logits.t() @ h`` would materialize a (vocab x d) half-precision temporary per
+chunk (1 GiB at a 128k vocabulary and d = 4096) and move it through memory three times. Where that
+form of ``addmm`` is missing, the product is formed a slab of vocabulary rows at a time, so the
+temporary stays small. Default chunks are a multiple of 256 tokens so the matmuls have no ragged
+tile rows.
+
+Targets must lie in [0, vocab) or equal ``ignore_index``; anything else raises, as
+``F.cross_entropy`` does (checking costs one device synchronization; with
+``validate_targets=False`` the check is skipped and such a token's loss is NaN instead).
 """
 
 from __future__ import annotations
@@ -22,6 +34,9 @@ from kernels._backend import INTERPRET, use_triton
 GPU_BLOCK_V, GPU_NUM_WARPS = 4096, 8
 INTERPRET_BLOCK_V = 128  # small, so tests cover vocabularies spanning several blocks
 CHUNK_BYTES = 256 * 1024 * 1024  # logits of one chunk of tokens
+CHUNK_MULTIPLE = 256  # default chunks are whole multiples of this many tokens (GEMM tile rows)
+# Without the fp32-output addmm, the half-precision product is formed this many bytes at a time.
+FALLBACK_SLAB_BYTES = 64 * 1024 * 1024
 _DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
@@ -69,8 +84,10 @@ def _cross_entropy_kernel(
         running_max = new_max
     lse = running_max + tl.log(running_sum)
 
+    # A target outside [0, V) that is not ignore_index gives a NaN loss rather than a plausible
+    # number; the host normally rejects such targets before the launch.
     in_range = (target >= 0) & (target < V) & (~ignored)
-    target_logit = tl.load(base + target, mask=in_range, other=0.0).to(tl.float32)
+    target_logit = tl.load(base + target, mask=in_range, other=float("nan")).to(tl.float32)
     tl.store(losses_ptr + row, tl.where(ignored, 0.0, lse - target_logit))
 
     if HAS_GRAD:
@@ -92,17 +109,49 @@ def kernel_config(device: torch.device) -> tuple[int, int]:
 
 
 def default_chunk_tokens(vocab_size: int, dtype: torch.dtype) -> int:
-    """Tokens per chunk so one chunk's logits take about CHUNK_BYTES."""
-    return max(1, CHUNK_BYTES // (vocab_size * dtype.itemsize))
+    """Tokens per chunk so one chunk's logits take about CHUNK_BYTES, a multiple of 256 tokens."""
+    tokens = CHUNK_BYTES // (vocab_size * dtype.itemsize)
+    return max(CHUNK_MULTIPLE, tokens // CHUNK_MULTIPLE * CHUNK_MULTIPLE)
+
+
+# Device types on which addmm(..., out_dtype=torch.float32, out=...) ran; False once it failed.
+_FP32_ADDMM: dict[str, bool] = {}
+
+
+def _accumulate_weight_grad(grad_weight: torch.Tensor, g: torch.Tensor, h: torch.Tensor) -> None:
+    """grad_weight (fp32, V x d) += g.T @ h, without a full-size half-precision temporary."""
+    if g.dtype == torch.float32:
+        grad_weight.addmm_(g.t(), h)
+        return
+    device = grad_weight.device.type
+    if _FP32_ADDMM.get(device, True):
+        try:  # bf16/fp16 operands, fp32 accumulation and output, in the matmul (CUDA, torch >= 2.8)
+            torch.addmm(grad_weight, g.t(), h, out_dtype=torch.float32, out=grad_weight)
+            _FP32_ADDMM[device] = True
+            return
+        except torch.OutOfMemoryError:
+            raise
+        except (TypeError, NotImplementedError, RuntimeError):
+            if _FP32_ADDMM.get(device):  # it worked before: this failure is a real one
+                raise
+            _FP32_ADDMM[device] = False
+    rows = max(1, FALLBACK_SLAB_BYTES // (h.shape[1] * h.element_size()))
+    for v0 in range(0, grad_weight.shape[0], rows):
+        grad_weight[v0 : v0 + rows] += g[:, v0 : v0 + rows].t() @ h
 
 
 class _LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, ignore_index, reduction, chunk_tokens):
+    def forward(
+        ctx, hidden, weight, targets, ignore_index, reduction, chunk_tokens, validate_targets
+    ):
         n_tokens, vocab = hidden.shape[0], weight.shape[0]
         want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         has_grad = want_hidden or want_weight
-        n_valid = (targets != ignore_index).sum()
+        valid = targets != ignore_index
+        if validate_targets:
+            _check_targets(targets, valid, vocab)
+        n_valid = valid.sum()
         if reduction == "mean":
             grad_scale = (1.0 / n_valid.float()).reshape(1)
         else:
@@ -135,10 +184,7 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
             if want_hidden:
                 torch.mm(logits, weight, out=grad_hidden[start:end])
             if want_weight:
-                if logits.dtype == torch.float32:
-                    grad_weight.addmm_(logits.t(), h)
-                else:
-                    grad_weight += logits.t() @ h
+                _accumulate_weight_grad(grad_weight, logits, h)
         loss = losses.sum()
         if reduction == "mean":
             loss = loss / n_valid
@@ -148,12 +194,34 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
+        """Scale the gradients computed in the forward, in place (no second fp32 V x d buffer).
+
+        In-place scaling bumps the saved tensors' versions, so a second backward through the same
+        graph (retain_graph=True) raises instead of returning doubly scaled gradients.
+        """
         grad_hidden, grad_weight = ctx.saved_tensors
         if grad_hidden is not None:
-            grad_hidden = grad_hidden * grad_loss
+            grad_hidden.mul_(grad_loss)
         if grad_weight is not None:
-            grad_weight = (grad_weight * grad_loss).to(ctx.weight_dtype)
-        return grad_hidden, grad_weight, None, None, None, None
+            if ctx.weight_dtype == torch.float32:
+                grad_weight.mul_(grad_loss)
+            else:  # the product is rounded straight into the weight's dtype
+                out = torch.empty(
+                    grad_weight.shape, dtype=ctx.weight_dtype, device=grad_weight.device
+                )
+                grad_weight = torch.mul(grad_weight, grad_loss, out=out)
+        return grad_hidden, grad_weight, None, None, None, None, None
+
+
+def _check_targets(targets: torch.Tensor, valid: torch.Tensor, vocab: int) -> None:
+    """Raise for a target outside [0, vocab) that is not ignore_index (one device sync)."""
+    bad = valid & ((targets < 0) | (targets >= vocab))
+    if bool(bad.any()):
+        first = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"target {int(targets[first])} at token {first} is outside the vocabulary [0, {vocab}) "
+            "and is not ignore_index"
+        )
 
 
 def linear_cross_entropy(
@@ -165,12 +233,15 @@ def linear_cross_entropy(
     reduction: str = "mean",
     backend: str | None = None,
     chunk_tokens: int | None = None,
+    validate_targets: bool = True,
 ) -> torch.Tensor:
     """Cross-entropy of ``hidden @ weight.T`` against ``targets``; ``reduction`` is mean or sum.
 
     Targets equal to ``ignore_index`` carry no loss; a mean over no valid target is NaN, as in
-    ``F.cross_entropy``. ``chunk_tokens`` sets how many tokens' logits the fused path holds at once
-    (default: about 256 MiB of them).
+    ``F.cross_entropy``. Any other target outside [0, vocab) raises ``ValueError`` (one device
+    synchronization per call); ``validate_targets=False`` skips the check, and such a token's loss
+    is then NaN. ``chunk_tokens`` sets how many tokens' logits the fused path holds at once
+    (default: about 256 MiB of them, rounded down to a multiple of 256 tokens).
     """
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
@@ -202,6 +273,7 @@ def linear_cross_entropy(
             ignore_index,
             reduction,
             chunk_tokens,
+            validate_targets,
         )
 
 

@@ -333,3 +333,72 @@ def test_transformer_loss_and_gradients_with_fused_ops_match_the_references(monk
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
+
+
+# Linear + cross-entropy: target checks, chunking, weight-gradient accumulation --------------------
+
+
+def test_linear_cross_entropy_rejects_out_of_range_targets_but_keeps_ignore_index():
+    hidden, weight, targets = _ce_inputs(n=12, vocab=200)  # every 5th target is -100 (ignored)
+    for bad in (200, -1, 10_000):
+        wrong = targets.clone()
+        wrong[7] = bad
+        with pytest.raises(ValueError, match=f"target {bad} at token 7 is outside"):
+            linear_cross_entropy(hidden, weight, wrong, backend="triton")
+    # Skipping the check makes the bad token's loss NaN instead of a plausible number.
+    wrong = targets.clone()
+    wrong[7] = 200
+    loss = linear_cross_entropy(hidden, weight, wrong, backend="triton", validate_targets=False)
+    assert torch.isnan(loss)
+    # A custom ignore_index outside the vocabulary is still just ignored.
+    custom = targets.clone()
+    custom[targets == -100] = 999
+    loss = linear_cross_entropy(hidden, weight, custom, ignore_index=999, backend="triton")
+    expected = _linear_ce64(hidden.double(), weight.double(), targets)
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_default_chunks_are_multiples_of_256_tokens():
+    for vocab in (50_257, 128_256, 32_000, 1_000_000, 4_000_000):
+        for dtype in (torch.bfloat16, torch.float32):
+            chunk = ce_module.default_chunk_tokens(vocab, dtype)
+            assert chunk % 256 == 0 and chunk >= 256
+            assert chunk * vocab * dtype.itemsize <= max(ce_module.CHUNK_BYTES, 256 * vocab * 4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_weight_gradient_accumulates_in_fp32_without_a_full_half_precision_temporary(
+    dtype, monkeypatch
+):
+    """On CPU the fp32-output addmm is missing, so the slab path runs: slabs of 7 vocab rows."""
+    torch.manual_seed(0)
+    V, d, n = 50, 16, 24
+    monkeypatch.setattr(ce_module, "FALLBACK_SLAB_BYTES", 7 * d * torch.finfo(dtype).bits // 8)
+    start = torch.randn(V, d)
+    g, h = torch.randn(n, V).to(dtype), torch.randn(n, d).to(dtype)
+    grad_weight = start.clone()
+    ce_module._accumulate_weight_grad(grad_weight, g, h)
+    ce_module._accumulate_weight_grad(grad_weight, g, h)
+    expected = start.double() + 2 * g.double().t() @ h.double()
+    assert grad_weight.dtype == torch.float32
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
+    torch.testing.assert_close(grad_weight.double(), expected, rtol=tol, atol=tol)
+    if dtype != torch.float32:
+        assert ce_module._FP32_ADDMM.get("cpu") is False
+
+
+def test_linear_cross_entropy_fp16_weight_gradient_scales_with_upstream():
+    """The backward scales in place and rounds straight into the weight's dtype."""
+    hidden, weight, targets = _ce_inputs(n=20, vocab=200)
+    h, w = hidden.half().requires_grad_(), weight.half().requires_grad_()
+    loss = linear_cross_entropy(h, w, targets, backend="triton", chunk_tokens=8)
+    (2.5 * loss).backward()
+    h64, w64 = hidden.double().requires_grad_(), weight.double().requires_grad_()
+    (2.5 * _linear_ce64(h64, w64, targets)).backward()
+    assert w.grad.dtype == torch.float16
+    torch.testing.assert_close(w.grad.double(), w64.grad, rtol=1e-2, atol=1e-3)
+    torch.testing.assert_close(h.grad.double(), h64.grad, rtol=1e-2, atol=1e-3)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss = linear_cross_entropy(h, w, targets, backend="triton", chunk_tokens=8)
+        loss.backward(retain_graph=True)
+        loss.backward()
