@@ -11,6 +11,12 @@ its element count and its step's scalars) and a list of chunks (tensor, chunk in
 updates one chunk of one tensor, reading and writing every element once. One launch covers every
 tensor of a (device, param dtype, grad dtype) combination instead of one launch per parameter.
 
+Gradient clipping folds into the same pass: ``step(grad_scale=...)`` takes the clip coefficient
+as a one-element device tensor (from :func:`clip_grad_scale`, the coefficient
+``clip_grad_norm_`` would apply) and the kernel multiplies each gradient by it as it loads it, so the
+separate read and write of every gradient that ``clip_grad_norm_`` does (8 bytes per fp32
+parameter) and the host synchronization of reading the norm both go away.
+
 FSDP2's sharded parameters are DTensors: the step runs on the local shard of each (``to_local()``)
 and the states are DTensors sharded like their parameter, as ``torch.optim.AdamW`` keeps them, so
 torch.distributed.checkpoint saves and reshards them the same way.
@@ -49,6 +55,7 @@ def _adamw_update(
     exp_avg_sq_ptr,
     offsets,
     mask,
+    grad_scale,
     decay,
     one_minus_beta1,
     beta2,
@@ -57,9 +64,13 @@ def _adamw_update(
     step_size,
     bias_correction2_sqrt,
 ):
-    """One block of elements; the operations and their order are those of torch.optim.AdamW."""
+    """One block of elements; the operations and their order are those of torch.optim.AdamW.
+
+    The gradient is first multiplied by ``grad_scale`` (1.0 when not clipping, which is exact), in
+    fp32: the product ``clip_grad_norm_`` would have stored back into an fp32 gradient.
+    """
     p = tl.load(param_ptr + offsets, mask=mask).to(tl.float32)
-    g = tl.load(grad_ptr + offsets, mask=mask).to(tl.float32)
+    g = tl.load(grad_ptr + offsets, mask=mask).to(tl.float32) * grad_scale
     m = tl.load(exp_avg_ptr + offsets, mask=mask)
     v = tl.load(exp_avg_sq_ptr + offsets, mask=mask)
     p = p * decay
@@ -78,6 +89,7 @@ def _adamw_multi_tensor_kernel(
     numels_ptr,  # int64 (n_tensors,)
     scalars_ptr,  # fp32 (n_tensors, 7): decay, 1-beta1, beta2, 1-beta2, eps, step_size, bc2_sqrt
     chunks_ptr,  # int32 (n_chunks, 2): tensor index, chunk index within the tensor
+    grad_scale_ptr,  # fp32 (1,): every gradient is multiplied by it (the clip coefficient)
     PARAM_DTYPE: tl.constexpr,
     GRAD_DTYPE: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -106,6 +118,7 @@ def _adamw_multi_tensor_kernel(
     eps = tl.load(scalars + 4)
     step_size = tl.load(scalars + 5)
     bias_correction2_sqrt = tl.load(scalars + 6)
+    grad_scale = tl.load(grad_scale_ptr)  # read on the device: no host sync for the clip norm
 
     start = chunk.to(tl.int64) * CHUNK
     end = tl.minimum(numel, start + CHUNK)
@@ -119,6 +132,7 @@ def _adamw_multi_tensor_kernel(
             exp_avg_sq_ptr,
             offsets,
             None,
+            grad_scale,
             decay,
             one_minus_beta1,
             beta2,
@@ -137,6 +151,7 @@ def _adamw_multi_tensor_kernel(
             exp_avg_sq_ptr,
             offsets,
             offsets < end,
+            grad_scale,
             decay,
             one_minus_beta1,
             beta2,
@@ -180,11 +195,13 @@ def _step_scalars(group: dict[str, Any], step: float) -> list[float]:
     ]
 
 
-def _torch_update(u: _Update, weight_decay: float) -> None:
+def _torch_update(u: _Update, weight_decay: float, grad_scale: torch.Tensor | None) -> None:
     """The reference step in PyTorch ops, in fp32 (the op sequence of torch.optim.AdamW)."""
     decay, w1, beta2, w2, eps, step_size, bc2_sqrt = u.scalars
     p = u.param if u.param.dtype == torch.float32 else u.param.float()
     g = u.grad if u.grad.dtype == torch.float32 else u.grad.float()
+    if grad_scale is not None:
+        g = g * grad_scale.to(g.device)
     if weight_decay != 0:
         p.mul_(decay)
     u.exp_avg.lerp_(g, w1)
@@ -225,10 +242,19 @@ def _size_tables(
     )
 
 
-def _launch(updates: list[_Update]) -> None:
+@functools.lru_cache(maxsize=8)
+def _ones(device: torch.device) -> torch.Tensor:
+    return torch.ones(1, dtype=torch.float32, device=device)
+
+
+def _launch(updates: list[_Update], grad_scale: torch.Tensor | None = None) -> None:
     """One kernel launch for tensors sharing device, param dtype and grad dtype."""
     first = updates[0]
     device = first.param.device
+    if grad_scale is None:
+        grad_scale = _ones(device)
+    else:
+        grad_scale = grad_scale.to(device=device, dtype=torch.float32, non_blocking=True)
     block, chunk, num_warps = _kernel_config(device)
     addresses, scalars = [], []
     for u in updates:
@@ -244,6 +270,7 @@ def _launch(updates: list[_Update]) -> None:
         numels,
         scalars_t,
         chunks,
+        grad_scale.reshape(1),
         PARAM_DTYPE=_KERNEL_DTYPES[first.param.dtype],
         GRAD_DTYPE=_KERNEL_DTYPES[first.grad.dtype],
         BLOCK=block,
@@ -324,7 +351,20 @@ class AdamW(torch.optim.Optimizer):
         return state
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+    def step(
+        self,
+        closure: Callable[[], float] | None = None,
+        *,
+        grad_scale: torch.Tensor | float | None = None,
+    ) -> float | None:
+        """One AdamW step; ``grad_scale`` (a one-element tensor, or a float) multiplies every
+        gradient first, inside the kernel, without modifying ``p.grad``.
+
+        Pass the coefficient from :func:`clip_grad_scale` in place of calling ``clip_grad_norm_``:
+        the result is that of clipping and then stepping, and as a device tensor the coefficient
+        is read by the kernel, so nothing waits for the norm on the host.
+        """
+        grad_scale = _scale_tensor(grad_scale)
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -351,10 +391,52 @@ class AdamW(torch.optim.Optimizer):
                     key = (u.param.device, u.param.dtype, u.grad.dtype)
                     kernel_groups.setdefault(key, []).append(u)
                 else:
-                    _torch_update(u, float(group["weight_decay"]))
+                    _torch_update(u, float(group["weight_decay"]), grad_scale)
         for updates in kernel_groups.values():
-            _launch(updates)
+            _launch(updates, grad_scale)
         return loss
+
+
+def _scale_tensor(grad_scale: torch.Tensor | float | None) -> torch.Tensor | None:
+    """``grad_scale`` as a plain one-element fp32 tensor (a DTensor's full value), or None."""
+    if grad_scale is None:
+        return None
+    if not torch.is_tensor(grad_scale):
+        return torch.tensor([float(grad_scale)], dtype=torch.float32)
+    full = getattr(grad_scale, "full_tensor", None)
+    if full is not None:
+        grad_scale = full()
+    if grad_scale.numel() != 1:
+        raise ValueError(f"grad_scale must hold one value, got shape {tuple(grad_scale.shape)}")
+    return grad_scale.detach().reshape(1).float()
+
+
+def clip_grad_scale(
+    parameters: Iterable[torch.Tensor] | torch.Tensor,
+    max_norm: float,
+    norm_type: float = 2.0,
+    foreach: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(total gradient norm, clip coefficient), the coefficient ``clip_grad_norm_`` multiplies by.
+
+    Nothing is modified: hand the coefficient to ``AdamW.step(grad_scale=...)``. Both stay device
+    tensors, so logging the norm is the only thing that needs to synchronize. The formula is
+    ``clip_grad_norm_``'s: ``min(1, max_norm / (norm + 1e-6))``.
+    """
+    if torch.is_tensor(parameters):
+        parameters = [parameters]
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        zero = torch.zeros((), dtype=torch.float32)
+        return zero, torch.ones((), dtype=torch.float32)
+    get_total_norm = getattr(torch.nn.utils, "get_total_norm", None)
+    if get_total_norm is not None:
+        total_norm = get_total_norm(grads, norm_type, foreach=foreach)
+    else:  # torch < 2.6: the same norm of per-tensor norms
+        norms = [torch.linalg.vector_norm(g, norm_type) for g in grads]
+        total_norm = torch.linalg.vector_norm(torch.stack(norms), norm_type)
+    coefficient = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
+    return total_norm, coefficient
 
 
 def sm90_builds() -> list[dict[str, Any]]:
@@ -372,6 +454,7 @@ def sm90_builds() -> list[dict[str, Any]]:
                         "numels_ptr": "*i64",
                         "scalars_ptr": "*fp32",
                         "chunks_ptr": "*i32",
+                        "grad_scale_ptr": "*fp32",
                         "PARAM_DTYPE": "constexpr",
                         "GRAD_DTYPE": "constexpr",
                         "BLOCK": "constexpr",
@@ -391,4 +474,4 @@ def sm90_builds() -> list[dict[str, Any]]:
     return builds
 
 
-__all__ = ["AdamW", "sm90_builds"]
+__all__ = ["AdamW", "clip_grad_scale", "sm90_builds"]

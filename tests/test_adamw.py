@@ -184,11 +184,63 @@ def test_one_launch_covers_every_tensor(monkeypatch):
     launches = []
     real_launch = adamw_module._launch
     monkeypatch.setattr(
-        adamw_module, "_launch", lambda ups: launches.append(len(ups)) or real_launch(ups)
+        adamw_module,
+        "_launch",
+        lambda ups, *rest: launches.append(len(ups)) or real_launch(ups, *rest),
     )
     model = _model()
     _train(model, AdamW(model.parameters(), backend="triton"), 1)
     assert launches == [len(list(model.parameters()))]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("max_norm", [0.05, 1e3])  # clips every step / never clips
+def test_clip_coefficient_folded_into_the_step_matches_clip_grad_norm_then_torch_adamw(
+    backend, max_norm
+):
+    """clip_grad_scale + step(grad_scale=...) against clip_grad_norm_ + torch.optim.AdamW.
+
+    The gradients are left as they were (the kernel scales them as it reads them), so the
+    reference clips its own copy of the same gradients each step.
+    """
+    ref_model, model = _model(), _model()
+    kwargs = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    ref_opt = torch.optim.AdamW(ref_model.parameters(), **kwargs)
+    opt = AdamW(model.parameters(), **kwargs, backend=backend)
+    gen = torch.Generator().manual_seed(5)
+    coefficients = []
+    for _ in range(8):
+        x, y = _batch(gen)
+        opt.zero_grad()
+        ref_opt.zero_grad()
+        (model(x) - y).pow(2).mean().backward()
+        for p, q in zip(ref_model.parameters(), model.parameters()):
+            p.grad = q.grad.clone()
+        unclipped = [q.grad.clone() for q in model.parameters()]
+        ref_norm = torch.nn.utils.clip_grad_norm_(ref_model.parameters(), max_norm)
+        norm, coefficient = adamw_module.clip_grad_scale(model.parameters(), max_norm)
+        torch.testing.assert_close(norm, ref_norm, rtol=1e-6, atol=0)
+        coefficients.append(float(coefficient))
+        opt.step(grad_scale=coefficient)
+        ref_opt.step()
+        for q, g in zip(model.parameters(), unclipped):
+            assert torch.equal(q.grad, g)
+    _assert_same_params_and_states(ref_model, ref_opt, model, opt)
+    assert all(c < 0.5 for c in coefficients) if max_norm < 1 else all(c == 1 for c in coefficients)
+
+
+def test_grad_scale_as_a_float_and_a_wrongly_shaped_one():
+    torch.manual_seed(0)
+    a = torch.randn(300)
+    for backend in BACKENDS:
+        pa, pb = a.clone().requires_grad_(), a.clone().requires_grad_()
+        g = torch.randn(300)
+        pa.grad, pb.grad = g.clone(), 0.25 * g
+        AdamW([pa], lr=0.1, backend=backend).step(grad_scale=0.25)
+        AdamW([pb], lr=0.1, backend=backend).step()
+        torch.testing.assert_close(pa, pb, rtol=0, atol=0)
+        with pytest.raises(ValueError, match="one value"):
+            AdamW([pa], backend=backend).step(grad_scale=torch.ones(2))
 
 
 def test_rejects_what_it_does_not_implement():
