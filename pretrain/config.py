@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import sys
 import types
@@ -29,6 +30,41 @@ from pretrain.errors import UserError
 
 class ConfigError(UserError):
     """A config file or override that cannot be applied."""
+
+
+SCHEDULES = ("cosine", "linear", "wsd", "constant")
+
+
+def _refuse(key: str, value: Any, allowed: str) -> None:
+    """The one-line error for a value out of range: the key, what is allowed, what was given."""
+    raise ConfigError(f"{key} must be {allowed}, got {value!r}")
+
+
+def _at_least(key: str, value: int | float, low: int | float, note: str = "") -> None:
+    if not value >= low:
+        _refuse(key, value, f">= {low}" + (f" {note}" if note else ""))
+
+
+def _positive(key: str, value: float) -> None:
+    if not value > 0:
+        _refuse(key, value, "> 0")
+
+
+def _fraction(key: str, value: float, *, below_one: bool = False) -> None:
+    """A value in [0, 1] (or [0, 1) when 1 itself makes no sense, e.g. an Adam beta)."""
+    if not (0 <= value < 1 if below_one else 0 <= value <= 1):
+        _refuse(key, value, "in [0, 1)" if below_one else "in [0, 1]")
+
+
+def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        _refuse(key, value, "one of " + ", ".join(choices))
+
+
+def _factor_or_off(key: str, value: float) -> None:
+    """A divergence factor: a bound only makes sense above 1 (0 turns the check off)."""
+    if not (value == 0 or value > 1):
+        _refuse(key, value, "> 1 (or 0 to turn the check off)")
 
 
 @dataclass
@@ -62,6 +98,14 @@ class ModelConfig:
         return m * ((hidden + m - 1) // m)
 
     def validate(self) -> None:
+        """Ranges first, then the shape rules (which divide by the counts checked first)."""
+        _at_least("model.vocab_size", self.vocab_size, 2)
+        for name in ("n_layers", "d_model", "n_heads", "n_kv_heads", "max_seq_len"):
+            _at_least(f"model.{name}", getattr(self, name), 1)
+        _at_least("model.ffn_hidden", self.ffn_hidden, 0, "(0: the Llama rule)")
+        _at_least("model.ffn_multiple_of", self.ffn_multiple_of, 1)
+        for name in ("rope_theta", "norm_eps", "init_std"):
+            _positive(f"model.{name}", getattr(self, name))
         if self.d_model % self.n_heads:
             raise ConfigError(
                 f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}"
@@ -73,9 +117,6 @@ class ModelConfig:
             )
         if self.head_dim % 2:
             raise ConfigError(f"head dim d_model/n_heads={self.head_dim} must be even for RoPE")
-        for name in ("vocab_size", "n_layers", "d_model", "n_heads", "n_kv_heads", "max_seq_len"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"model.{name} must be at least 1, got {getattr(self, name)}")
 
 
 @dataclass
@@ -85,6 +126,12 @@ class DataConfig:
     path: str = "data/stdlib"
     seq_len: int = 256
     num_workers: int = 0
+
+    def validate(self) -> None:
+        if not self.path:
+            _refuse("data.path", self.path, "a prepared data directory (pass --data DIR)")
+        _at_least("data.seq_len", self.seq_len, 1)
+        _at_least("data.num_workers", self.num_workers, 0)
 
 
 @dataclass
@@ -108,9 +155,38 @@ class TrainConfig:
     activation_checkpointing: str = "none"  # none | full | selective
     skip_spikes: bool = False  # skip a step whose loss is an outlier (counted and logged)
     spike_threshold: float = 6.0  # z-score of the loss against its running statistics
+    max_skipped_steps: int = 5  # this many skipped steps in a row stop the run (exit 2)
+    # A divergence stops the run (exit 2) before its update and before it is checkpointed:
+    diverge_loss_factor: float = 2.0  # loss above this x ln(vocab_size) (a uniform guess); 0: off
+    diverge_grad_factor: float = 1000.0  # grad norm above this x its running mean; 0: off
     stop_at: int = (
         0  # stop (with a checkpoint) after this step; the schedule still spans train.steps
     )
+
+    def validate(self) -> None:
+        for name in ("steps", "global_batch_size", "micro_batch_size"):
+            _at_least(f"train.{name}", getattr(self, name), 1)
+        _positive("train.lr", self.lr)
+        _fraction("train.min_lr_ratio", self.min_lr_ratio)
+        _at_least("train.warmup_steps", self.warmup_steps, 0)
+        _choice("train.schedule", self.schedule, SCHEDULES)
+        _fraction("train.decay_fraction", self.decay_fraction)
+        _at_least("train.grad_clip", self.grad_clip, 0, "(0: no clipping)")
+        if not 0 <= self.seed < 2**63:
+            _refuse("train.seed", self.seed, "in [0, 2**63)")
+        _choice("train.device", self.device, ("auto", "cpu", "cuda"))
+        _choice("train.dtype", self.dtype, ("auto", "fp32", "bf16"))
+        _choice("train.kernels", self.kernels, ("auto", "triton", "torch"))
+        _choice(
+            "train.activation_checkpointing",
+            self.activation_checkpointing,
+            ("none", "full", "selective"),
+        )
+        _positive("train.spike_threshold", self.spike_threshold)
+        _at_least("train.max_skipped_steps", self.max_skipped_steps, 1)
+        _factor_or_off("train.diverge_loss_factor", self.diverge_loss_factor)
+        _factor_or_off("train.diverge_grad_factor", self.diverge_grad_factor)
+        _at_least("train.stop_at", self.stop_at, 0, "(0: run to train.steps)")
 
 
 @dataclass
@@ -123,11 +199,22 @@ class OptimizerConfig:
     beta2: float = 0.95
     eps: float = 1e-8
 
+    def validate(self) -> None:
+        _choice("optimizer.name", self.name, ("adamw", "torch"))
+        _at_least("optimizer.weight_decay", self.weight_decay, 0)
+        _fraction("optimizer.beta1", self.beta1, below_one=True)
+        _fraction("optimizer.beta2", self.beta2, below_one=True)
+        _positive("optimizer.eps", self.eps)
+
 
 @dataclass
 class EvalConfig:
     every: int = 100  # steps between evaluations on the val split (0: never)
     batches: int = 8  # batches of global_batch_size sequences per evaluation
+
+    def validate(self) -> None:
+        _at_least("eval.every", self.every, 0, "(0: never)")
+        _at_least("eval.batches", self.batches, 1)
 
 
 @dataclass
@@ -136,6 +223,9 @@ class LoggingConfig:
     wandb: bool = False
     wandb_project: str = "pretrain"
     wandb_run_name: str = ""
+
+    def validate(self) -> None:
+        _at_least("logging.every", self.every, 1)
 
 
 @dataclass
@@ -146,6 +236,13 @@ class CheckpointConfig:
     resume: str = ""  # "" | auto | a checkpoint path
     init_from: str = ""  # weights only, from a checkpoint or an export
     async_save: bool = False
+
+    def validate(self) -> None:
+        _at_least("checkpoint.every", self.every, 0, "(0: only at the end)")
+        _at_least("checkpoint.keep_last", self.keep_last, 0, "(0: keep all)")
+        for step in self.keep_steps:
+            if step < 1:
+                _refuse("checkpoint.keep_steps", self.keep_steps, "a list of steps >= 1")
 
 
 @dataclass
@@ -158,6 +255,10 @@ class FinetuneConfig:
     epochs: int = 0  # > 0: train.steps follows from the data (epochs over it)
     packing: bool = True  # several conversations per row, attention kept within each
     skip_bad_rows: bool = False  # skip and count malformed rows instead of stopping
+
+    def validate(self) -> None:
+        _fraction("finetune.val_fraction", self.val_fraction, below_one=True)
+        _at_least("finetune.epochs", self.epochs, 0, "(0: train.steps gives the length)")
 
 
 @dataclass
@@ -173,6 +274,26 @@ class Config:
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)
+
+    def validate(self) -> None:
+        """Check every value of every section (see :func:`validate_config`)."""
+        validate_config(self)
+
+
+def validate_config(config: Any) -> None:
+    """Refuse any value out of its range, with one line naming the key, the value and what is
+    allowed: first every float must be finite, then each section's own ``validate()``.
+
+    Runs when a config is loaded, so a bad value stops the command before any work starts.
+    """
+    for section in _sections(type(config)):
+        values = getattr(config, section)
+        for f in dataclasses.fields(values):
+            value = getattr(values, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                _refuse(f"{section}.{f.name}", value, "a finite number")
+        if hasattr(values, "validate"):
+            values.validate()
 
 
 def _sections(config_cls: type = Config) -> dict[str, type]:
@@ -316,8 +437,7 @@ def load_config(
         pairs = parse_overrides(pairs)  # type: ignore[arg-type]
     for key, value in pairs:
         _apply(config, key, value)
-    if hasattr(config, "model"):
-        config.model.validate()
+    validate_config(config)
     return config
 
 

@@ -54,6 +54,7 @@ from pretrain.config import (
     load_config,
     parse_overrides,
     save_config,
+    validate_config,
 )
 from pretrain.errors import UserError
 from pretrain.metrics import MetricsLogger, mfu, peak_flops, peak_memory_gb
@@ -68,7 +69,6 @@ from pretrain.parallel import (
 )
 
 ACCEPTS_OVERRIDES = True
-SCHEDULES = ("cosine", "linear", "wsd", "constant")
 
 LoaderFactory = Callable[[int, int], Any]
 
@@ -351,26 +351,19 @@ def evaluate(
 
 
 def check_config(config, world_size: int) -> int:
-    """Validate what the trainer needs beyond the model; return gradient accumulation steps."""
+    """Check what only the run can know; return the gradient accumulation steps.
+
+    Every single value was checked when the config was loaded; it is checked again here
+    (cheaply) because :func:`train` also takes configs built or changed in code, as fine-tuning
+    does. What is left needs the world size, or two sections that a caller may still change
+    after loading (fine-tuning adopts the model shape of its init).
+    """
+    validate_config(config)
     t = config.train
     if config.data.seq_len > config.model.max_seq_len:
         raise ConfigError(
             f"data.seq_len={config.data.seq_len} is longer than model.max_seq_len="
             f"{config.model.max_seq_len}; lower data.seq_len or raise model.max_seq_len"
-        )
-    if t.schedule not in SCHEDULES:
-        raise ConfigError(
-            f"train.schedule must be one of {', '.join(SCHEDULES)}, got {t.schedule!r}"
-        )
-    if config.optimizer.name not in ("adamw", "torch"):
-        raise ConfigError(f"optimizer.name must be adamw or torch, got {config.optimizer.name!r}")
-    if t.dtype not in ("auto", "fp32", "bf16"):
-        raise ConfigError(f"train.dtype must be auto, fp32 or bf16, got {t.dtype!r}")
-    if t.kernels not in ("auto", "triton", "torch"):
-        raise ConfigError(f"train.kernels must be auto, triton or torch, got {t.kernels!r}")
-    if t.steps < 1 or t.micro_batch_size < 1 or t.global_batch_size < 1:
-        raise ConfigError(
-            "train.steps, train.micro_batch_size and train.global_batch_size must be >= 1"
         )
     per_pass = t.micro_batch_size * world_size
     if t.global_batch_size % per_pass:

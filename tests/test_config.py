@@ -148,3 +148,90 @@ def test_cli_unknown_subcommand_is_one_line_exit_2():
     assert r.returncode == 2
     assert "unknown command 'trian'" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+# --------------------------------------------------------------------------- value ranges
+
+
+def _value(key):
+    section, name = key.split(".")
+    return getattr(getattr(Config(), section), name)
+
+
+def _numeric_keys():
+    """Every int and float key of every section (list keys are checked item by item)."""
+    from pretrain.config import all_keys
+
+    return [k for k in all_keys() if type(_value(k)) in (int, float)]
+
+
+@pytest.mark.parametrize("key", _numeric_keys())
+def test_every_numeric_key_refuses_a_negative_value_naming_it(key):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [f"--{key}", "-1"])
+    assert str(e.value).startswith(f"{key} must be ") and "got -1" in str(e.value)
+
+
+@pytest.mark.parametrize("key", [k for k in _numeric_keys() if isinstance(_value(k), float)])
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_every_float_key_refuses_a_non_finite_value(key, value):
+    with pytest.raises(ConfigError, match=rf"^{key} must be a finite number, got {value}"):
+        load_config(None, [f"--{key}", value])
+
+
+@pytest.mark.parametrize(
+    "key",
+    ["train.schedule", "train.device", "train.dtype", "train.kernels",
+     "train.activation_checkpointing", "optimizer.name"],
+)  # fmt: skip
+def test_every_choice_key_lists_what_is_allowed(key):
+    with pytest.raises(ConfigError, match=rf"^{key} must be one of .*, got 'bogus'$"):
+        load_config(None, [f"--{key}", "bogus"])
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["--model.n_heads", "0"], "model.n_heads must be >= 1, got 0"),
+        (["--model.n_kv_heads", "0"], "model.n_kv_heads must be >= 1, got 0"),
+        (["--train.lr", "0"], "train.lr must be > 0, got 0.0"),
+        (["--eval.batches", "0"], "eval.batches must be >= 1, got 0"),
+        (["--train.min_lr_ratio", "1.5"], "train.min_lr_ratio must be in [0, 1], got 1.5"),
+        (["--optimizer.beta2", "1"], "optimizer.beta2 must be in [0, 1), got 1.0"),
+        (["--checkpoint.keep_steps", "[5, 0]"], "checkpoint.keep_steps must be a list of steps"),
+        (["--train.diverge_loss_factor", "0.5"], "train.diverge_loss_factor must be > 1"),
+        (["--model.vocab_size", "1"], "model.vocab_size must be >= 2, got 1"),
+    ],
+)
+def test_out_of_range_values_name_the_key_the_value_and_the_range(overrides, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, overrides)
+    assert str(e.value).startswith(message)
+
+
+def test_edge_values_that_mean_off_or_all_are_accepted():
+    cfg = load_config(None, ["--eval.every", "0", "--checkpoint.keep_last", "0",
+                             "--train.grad_clip", "0", "--train.diverge_loss_factor", "0",
+                             "--train.seed", "0", "--train.warmup_steps", "0"])  # fmt: skip
+    assert cfg.checkpoint.keep_last == 0 and cfg.train.diverge_loss_factor == 0
+
+
+def test_a_bad_value_in_a_file_is_refused_like_an_override(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text("[checkpoint]\nkeep_last = -1\n")
+    with pytest.raises(ConfigError, match=r"^checkpoint\.keep_last must be >= 0"):
+        load_config(path)
+
+
+@pytest.mark.parametrize(
+    "key, value", [("model.n_heads", "0"), ("train.lr", "-1"), ("train.seed", "-1")]
+)
+def test_cli_refuses_a_bad_value_in_one_line_before_any_work(tmp_path, key, value):
+    """The data directory does not exist: a value error that comes first was found at load."""
+    r = _cli("train", "--data", str(tmp_path / "no-data"), "--out", str(tmp_path / "run"),
+             f"--{key}", value)  # fmt: skip
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"pretrain train: error: {key} must be ")
+    assert f"got {value}" in lines[0]
+    assert not (tmp_path / "run").exists()
