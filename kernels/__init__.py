@@ -5,19 +5,22 @@
 """
 
 from kernels._backend import get_backend, set_backend, use_triton
-from kernels.adamw import AdamW
+from kernels.adamw import AdamW, clip_grad_scale
 from kernels.attention import attention, attention_reference
 from kernels.cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
-from kernels.rms_norm import rms_norm, rms_norm_reference
+from kernels.rms_norm import add_rms_norm, add_rms_norm_reference, rms_norm, rms_norm_reference
 from kernels.rope import apply_rope, apply_rope_reference, rope_cos_sin
 from kernels.swiglu import swiglu, swiglu_reference
 
 __all__ = [
     "AdamW",
+    "add_rms_norm",
+    "add_rms_norm_reference",
     "apply_rope",
     "apply_rope_reference",
     "attention",
     "attention_reference",
+    "clip_grad_scale",
     "get_backend",
     "linear_cross_entropy",
     "linear_cross_entropy_reference",

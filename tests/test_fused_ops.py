@@ -97,6 +97,111 @@ def test_rms_norm_weight_gradient_sums_over_many_rows():
     )
 
 
+@pytest.fixture
+def poison_rms_outputs(monkeypatch):
+    """Every buffer rms_norm.py allocates for an output starts as NaN: unwritten elements show."""
+
+    def nan_empty(shape, dtype, device):
+        return torch.full(
+            torch.Size(shape if isinstance(shape, tuple) else (shape,)),
+            float("nan"),
+            dtype=dtype,
+            device=device,
+        )
+
+    monkeypatch.setattr(rms_norm_module, "_empty", nan_empty)
+
+
+@pytest.fixture
+def wide_rows(monkeypatch):
+    """Rows wider than 64 features take the looped path, in blocks of 32."""
+    monkeypatch.setattr(rms_norm_module, "MAX_ONE_BLOCK", 64)
+    monkeypatch.setattr(rms_norm_module, "WIDE_BLOCK", 32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_rms_norm_wide_rows_loop_and_match_float64(dtype, wide_rows, poison_rms_outputs):
+    """150 features: four full 32-blocks and a ragged one; 9 rows over 4 backward programs."""
+    assert rms_norm_module.kernel_config(150) == (32, rms_norm_module.WIDE_NUM_WARPS, False)
+    torch.manual_seed(0)
+    x, w = torch.randn(9, 150), 1 + 0.1 * torch.randn(150)
+    op = functools.partial(rms_norm, eps=1e-5, backend="triton")
+    (out,) = _check_against_float64(op, _rms_norm64, [x, w], dtype)
+    assert _is_fused(out)
+
+
+def _add_rms_norm64(x, residual, w, eps=1e-5):
+    summed = x + residual
+    return _rms_norm64(summed, w, eps), summed
+
+
+@pytest.mark.parametrize(
+    "shape,dtype,wide",
+    [
+        ((2, 7, 50), torch.float32, False),
+        ((2, 7, 50), torch.bfloat16, False),
+        ((3, 5, 100), torch.float32, True),
+        ((3, 5, 100), torch.float16, True),
+    ],
+)
+def test_add_rms_norm_matches_float64(shape, dtype, wide, poison_rms_outputs, monkeypatch):
+    """Both outputs (normalized, new residual) and the gradients of x, residual and weight."""
+    if wide:
+        monkeypatch.setattr(rms_norm_module, "MAX_ONE_BLOCK", 64)
+        monkeypatch.setattr(rms_norm_module, "WIDE_BLOCK", 32)
+    torch.manual_seed(0)
+    x, residual = torch.randn(shape), 2 * torch.randn(shape)
+    w = 1 + 0.1 * torch.randn(shape[-1])
+    op = functools.partial(kernels.add_rms_norm, eps=1e-5, backend="triton")
+    normed, summed = _check_against_float64(op, _add_rms_norm64, [x, residual, w], dtype)
+    assert _is_fused(normed) and _is_fused(summed)
+    assert normed.dtype == summed.dtype == dtype
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity whose backward is 1% off: a wrong gradient the comparison must catch."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * 1.01
+
+
+def test_add_rms_norm_comparison_catches_a_one_percent_error():
+    torch.manual_seed(0)
+    x, residual, w = torch.randn(4, 40), torch.randn(4, 40), 1 + 0.1 * torch.randn(40)
+
+    def wrong_output(x, r, w):
+        normed, summed = kernels.add_rms_norm(x, r, w, backend="triton")
+        return normed * 1.01, summed
+
+    def wrong_gradient(x, r, w):
+        return kernels.add_rms_norm(_ScaleGrad.apply(x), r, w, backend="triton")
+
+    for op in (wrong_output, wrong_gradient):
+        with pytest.raises(AssertionError):
+            _check_against_float64(op, _add_rms_norm64, [x, residual, w], torch.float32)
+
+
+def test_add_rms_norm_with_only_the_residual_stream_used_and_mixed_inputs():
+    torch.manual_seed(0)
+    x = torch.randn(3, 24, requires_grad=True)
+    residual = torch.randn(3, 24, requires_grad=True)
+    w = torch.ones(24, requires_grad=True)
+    _, summed = kernels.add_rms_norm(x, residual, w, backend="triton")
+    (summed * torch.arange(24.0)).sum().backward()
+    assert torch.equal(x.grad, torch.arange(24.0).expand(3, 24))
+    assert torch.equal(residual.grad, x.grad) and torch.count_nonzero(w.grad) == 0
+    # Mismatched dtypes take the separate reference ops.
+    normed, summed = kernels.add_rms_norm(
+        x.detach(), residual.detach().double(), w, backend="triton"
+    )
+    assert not _is_fused(normed) and summed.dtype == torch.float64
+
+
 # RoPE --------------------------------------------------------------------------------------------
 
 
@@ -282,9 +387,17 @@ def test_sm90_builds_cover_every_configuration_the_dispatchers_pick():
             assert all(b["signature"][name] == "constexpr" for name in b["constexprs"])
         return {(b["constexprs"][key], b["num_warps"]) for b in builds}
 
-    rms = configs(rms_norm_module, "BLOCK_N")
-    for n in [1, 100, 128, 129, 1000, 2048, 3000, 4096, 5000, rms_norm_module.MAX_FEATURES]:
-        assert rms_norm_module.kernel_config(n) in rms
+    rms_builds = rms_norm_module.sm90_builds()
+    rms = {
+        (b["constexprs"]["BLOCK_N"], b["num_warps"], b["constexprs"]["ONE_BLOCK"], b["name"][:12])
+        for b in rms_builds
+    }
+    for n in [1, 100, 128, 129, 1000, 2048, 3000, 4096, 5000, 8192, 8193, 16384, 50000]:
+        for kind in ("rms_norm_fwd", "rms_norm_bwd"):
+            assert rms_norm_module.kernel_config(n) + (kind,) in rms
+    for fused in (False, True):  # the residual variants of every size exist too
+        assert sum(b["constexprs"].get("HAS_RESIDUAL") is fused for b in rms_builds) == 24
+        assert sum(b["constexprs"].get("HAS_DS") is fused for b in rms_builds) == 24
     rope = configs(rope_module, "BLOCK_HALF")
     for head_dim in range(2, rope_module.MAX_HEAD_DIM + 1, 2):
         block_half, _, num_warps = rope_module.kernel_config(head_dim, torch.device("cuda"))
