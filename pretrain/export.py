@@ -27,7 +27,6 @@ import os
 import re
 import shutil
 import sys
-import warnings
 from pathlib import Path
 
 import torch
@@ -99,15 +98,11 @@ def load_checkpoint_weights(
     Only the ``model`` entries are read; any world size that wrote the checkpoint gives the same
     tensors. A tied checkpoint may hold the shared matrix under one name or both.
     """
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.api import CheckpointException
+    from pretrain.checkpoint import dcp_load, read_metadata
 
     step_dir = Path(step_dir)
     cfg = read_checkpoint_config(step_dir)
-    try:
-        stored = dcp.FileSystemReader(str(step_dir)).read_metadata().state_dict_metadata
-    except Exception as e:
-        raise UserError(f"checkpoint {step_dir} has an unreadable .metadata file: {e}") from None
+    stored = read_metadata(step_dir).state_dict_metadata  # no pickle beyond DCP's own classes
     expected = _meta_state_dict(cfg)
     if cfg.tie_embeddings and "model.lm_head.weight" not in stored:
         expected.pop("lm_head.weight")
@@ -127,15 +122,7 @@ def load_checkpoint_weights(
         raise UserError(
             f"checkpoint {step_dir} does not match its config.toml: {'; '.join(problems)}"
         )
-    try:
-        with warnings.catch_warnings():  # "no process group: loading in one process" is intended
-            warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
-            dcp.load({"model": template}, checkpoint_id=str(step_dir), no_dist=True)
-    except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
-        last_line = (str(e).strip().splitlines() or [type(e).__name__])[-1]
-        raise UserError(
-            f"checkpoint {step_dir} could not be read (damaged or incomplete file?): {last_line}"
-        ) from None
+    dcp_load({"model": template}, step_dir, no_dist=True)
     if cfg.tie_embeddings:
         template["lm_head.weight"] = template["embed_tokens.weight"]
     return cfg, template
