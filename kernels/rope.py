@@ -3,6 +3,11 @@
 The pair rotated together is (x[i], x[i + D/2]), so exported q/k weights need no permutation.
 The Triton kernel rotates every head of q and k at one (batch, position) per program, reading that
 position's cos/sin once; its backward is the same kernel rotating the other way (sin negated).
+
+Inputs and outputs are addressed through strides, so q and k can be (B, H, T, D) tensors or
+(B, T, H, D) ones (``layout="bthd"``, the layout the projections produce and attention's output
+uses): in that layout the rotation reads the projection output and writes (B, T, H, D) directly,
+with no transpose copy on either side, forward or backward.
 """
 
 from __future__ import annotations
@@ -40,10 +45,25 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 
 def apply_rope_reference(
-    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: str = "bhtd"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """q (B, Hq, T, D), k (B, Hkv, T, D); cos/sin (T, D/2) or (B, 1, T, D/2)."""
+    """q (B, Hq, T, D), k (B, Hkv, T, D) (or (B, T, H, D) with ``layout="bthd"``); cos/sin
+    (T, D/2) or (B, 1, T, D/2) in either layout."""
+    if _is_bthd(layout):
+        q_out, k_out = apply_rope_reference(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+        return q_out.transpose(1, 2), k_out.transpose(1, 2)
     return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+def _is_bthd(layout: str) -> bool:
+    if layout not in ("bhtd", "bthd"):
+        raise ValueError(f"layout must be 'bhtd' or 'bthd', got {layout!r}")
+    return layout == "bthd"
+
+
+def _empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Every output buffer of the kernel (tests fill them with NaN to catch unwritten elements)."""
+    return torch.empty(shape, dtype=dtype, device=device)
 
 
 @triton.jit
@@ -82,6 +102,12 @@ def _rope_kernel(
     stride_kb,
     stride_kh,
     stride_kt,
+    stride_qob,
+    stride_qoh,
+    stride_qot,
+    stride_kob,
+    stride_koh,
+    stride_kot,
     stride_cb,
     stride_ct,
     BLOCK_HALF: tl.constexpr,
@@ -97,12 +123,13 @@ def _rope_kernel(
     s = tl.load(sin_ptr + b * stride_cb + t * stride_ct + d, mask=d_mask, other=0.0).to(tl.float32)
     if BACKWARD:  # the inverse rotation: by -angle
         s = -s
-    head_dim = 2 * HALF
+    # Every tensor is addressed by its (batch, head, position) strides: (B, H, T, D) and
+    # (B, T, H, D) tensors (or views) take the same code.
     _rotate_heads(
         q_ptr + b * stride_qb + t * stride_qt,
-        q_out_ptr + (b * HQ * T + t) * head_dim,
+        q_out_ptr + b * stride_qob + t * stride_qot,
         stride_qh,
-        T * head_dim,
+        stride_qoh,
         HQ,
         HALF,
         c,
@@ -113,9 +140,9 @@ def _rope_kernel(
     )
     _rotate_heads(
         k_ptr + b * stride_kb + t * stride_kt,
-        k_out_ptr + (b * HKV * T + t) * head_dim,
+        k_out_ptr + b * stride_kob + t * stride_kot,
         stride_kh,
-        T * head_dim,
+        stride_koh,
         HKV,
         HALF,
         c,
@@ -140,15 +167,24 @@ def _cos_sin_rows(t: torch.Tensor, B: int, T: int) -> torch.Tensor:
     return t4 if t4.stride(-1) == 1 else t4.contiguous()
 
 
-def _rope_launch(q, k, cos4, sin4, backward: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _output(like: torch.Tensor, bthd: bool) -> torch.Tensor:
+    """A (B, H, T, D)-shaped output for ``like``, stored (B, T, H, D) when ``bthd``."""
+    B, H, T, D = like.shape
+    if bthd:
+        return _empty((B, T, H, D), like.dtype, like.device).transpose(1, 2)
+    return _empty((B, H, T, D), like.dtype, like.device)
+
+
+def _rope_launch(q, k, cos4, sin4, backward: bool, bthd: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate (B, H, T, D)-shaped q and k (any strides with unit stride along D); outputs are
+    (B, H, T, D)-shaped, stored as (B, T, H, D) when ``bthd``."""
     if q.stride(-1) != 1:
         q = q.contiguous()
     if k.stride(-1) != 1:
         k = k.contiguous()
     B, HQ, T, D = q.shape
     HKV = k.shape[1]
-    q_out = torch.empty((B, HQ, T, D), dtype=q.dtype, device=q.device)
-    k_out = torch.empty((B, HKV, T, D), dtype=k.dtype, device=k.device)
+    q_out, k_out = _output(q, bthd), _output(k, bthd)
     block_half, block_h, num_warps = kernel_config(D, q.device)
     if B * T > 0:
         _rope_kernel[(B * T,)](
@@ -168,6 +204,12 @@ def _rope_launch(q, k, cos4, sin4, backward: bool) -> tuple[torch.Tensor, torch.
             k.stride(0),
             k.stride(1),
             k.stride(2),
+            q_out.stride(0),
+            q_out.stride(1),
+            q_out.stride(2),
+            k_out.stride(0),
+            k_out.stride(1),
+            k_out.stride(2),
             cos4.stride(0),
             cos4.stride(2),
             BLOCK_HALF=block_half,
@@ -179,20 +221,24 @@ def _rope_launch(q, k, cos4, sin4, backward: bool) -> tuple[torch.Tensor, torch.
 
 
 class _RopeFunction(torch.autograd.Function):
+    """q and k arrive (B, H, T, D)-shaped; with ``bthd`` they are views of (B, T, H, D) tensors,
+    and the outputs and input gradients are made the same way (the caller transposes back)."""
+
     @staticmethod
-    def forward(ctx, q, k, cos, sin):
+    def forward(ctx, q, k, cos, sin, bthd):
         B, _, T, _ = q.shape
         cos4, sin4 = _cos_sin_rows(cos, B, T), _cos_sin_rows(sin, B, T)
         if cos4.stride() != sin4.stride():  # the kernel reads both with one set of strides
             cos4, sin4 = cos4.contiguous(), sin4.contiguous()
         ctx.save_for_backward(cos4, sin4)
-        return _rope_launch(q, k, cos4, sin4, backward=False)
+        ctx.bthd = bthd
+        return _rope_launch(q, k, cos4, sin4, backward=False, bthd=bthd)
 
     @staticmethod
     def backward(ctx, dq, dk):
         cos4, sin4 = ctx.saved_tensors
-        dq_in, dk_in = _rope_launch(dq, dk, cos4, sin4, backward=True)
-        return dq_in, dk_in, None, None
+        dq_in, dk_in = _rope_launch(dq, dk, cos4, sin4, backward=True, bthd=ctx.bthd)
+        return dq_in, dk_in, None, None, None
 
 
 def _fits_kernel(q, k, cos, sin) -> bool:
@@ -218,14 +264,21 @@ def apply_rope(
     sin: torch.Tensor,
     *,
     backend: str | None = None,
+    layout: str = "bhtd",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate q (B, Hq, T, D) and k (B, Hkv, T, D) by the angles whose cos/sin are given.
 
-    cos/sin are (T, D/2) or (B, 1, T, D/2) (from :func:`rope_cos_sin`); they get no gradient.
+    With ``layout="bthd"``, q is (B, T, Hq, D) and k (B, T, Hkv, D), as the q/k projections make
+    them, and so are the outputs (contiguous): no transpose is needed before or after. Any
+    strides work as long as D is the unit-stride dimension. cos/sin are (T, D/2) or
+    (B, 1, T, D/2) in both layouts (from :func:`rope_cos_sin`); they get no gradient.
     """
-    if use_triton(q, backend) and _fits_kernel(q, k, cos, sin):
-        return _RopeFunction.apply(q, k, cos, sin)
-    return apply_rope_reference(q, k, cos, sin)
+    bthd = _is_bthd(layout)
+    q4, k4 = (q.transpose(1, 2), k.transpose(1, 2)) if bthd else (q, k)
+    if use_triton(q, backend) and _fits_kernel(q4, k4, cos, sin):
+        q_out, k_out = _RopeFunction.apply(q4, k4, cos, sin, bthd)
+        return (q_out.transpose(1, 2), k_out.transpose(1, 2)) if bthd else (q_out, k_out)
+    return apply_rope_reference(q, k, cos, sin, layout)
 
 
 def sm90_builds() -> list[dict[str, Any]]:
@@ -257,6 +310,7 @@ def sm90_builds() -> list[dict[str, Any]]:
                             "stride_kb": "i32",
                             "stride_kh": "i32",
                             "stride_kt": "i32",
+                            **{f"stride_{t}o{dim}": "i32" for t in "qk" for dim in "bht"},
                             "stride_cb": "i32",
                             "stride_ct": "i32",
                             "BLOCK_HALF": "constexpr",

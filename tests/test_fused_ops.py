@@ -249,6 +249,47 @@ def test_rope_matches_float64_with_per_sequence_positions_and_strided_q():
     _check_against_float64(op, ref, [q_bthd, k], torch.float32)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_bthd_layout_reads_and_writes_b_t_h_d_and_matches_float64(dtype, monkeypatch):
+    """q/k (B, T, H, D) in and out, forward and backward, with NaN-filled output buffers; q a
+    strided slice of a fused projection output (B, T, Hq + 2 Hkv, D)."""
+
+    def nan_empty(shape, dtype, device):
+        return torch.full(tuple(shape), float("nan"), dtype=dtype, device=device)
+
+    monkeypatch.setattr(rope_module, "_empty", nan_empty)
+    torch.manual_seed(0)
+    B, Hq, Hkv, T, D = 2, 5, 3, 7, 32
+    qkv = torch.randn(B, T, Hq + 2 * Hkv, D)
+    positions = torch.randint(0, 50, (B, T))
+    cos, sin = rope_cos_sin(positions, D)
+    cos, sin = cos[:, None], sin[:, None]
+
+    def op(qkv):
+        q, k = qkv[:, :, :Hq], qkv[:, :, Hq : Hq + Hkv]
+        return apply_rope(q, k, cos, sin, backend="triton", layout="bthd")
+
+    def ref(qkv):
+        q, k = qkv[:, :, :Hq].transpose(1, 2), qkv[:, :, Hq : Hq + Hkv].transpose(1, 2)
+        q_out, k_out = _rope64(q, k, cos.double(), sin.double())
+        return q_out.transpose(1, 2), k_out.transpose(1, 2)
+
+    q_out, k_out = _check_against_float64(op, ref, [qkv], dtype)
+    assert q_out.shape == (B, T, Hq, D) and q_out.is_contiguous() and k_out.is_contiguous()
+    # A free view over what the kernel wrote, not a copy made after it.
+    assert type(q_out.grad_fn).__name__ == "TransposeBackward0"
+    assert "_RopeFunction" in type(q_out.grad_fn.next_functions[0][0]).__name__
+    # The reference follows the same layout argument; an unknown layout is an error.
+    q, k = qkv[:, :, :Hq], qkv[:, :, Hq : Hq + Hkv]
+    for ours, theirs in zip(
+        apply_rope(q, k, cos, sin, backend="triton", layout="bthd"),
+        apply_rope_reference(q, k, cos, sin, layout="bthd"),
+    ):
+        torch.testing.assert_close(ours, theirs)
+    with pytest.raises(ValueError, match="layout"):
+        apply_rope(q, k, cos, sin, backend="triton", layout="bhdt")
+
+
 def test_rope_reference_agrees_with_float64():
     torch.manual_seed(0)
     q, k = torch.randn(1, 2, 5, 8), torch.randn(1, 1, 5, 8)
