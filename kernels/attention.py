@@ -15,6 +15,7 @@ with ``doc_ids``, those outside the span of the block's documents.
 from __future__ import annotations
 
 import contextlib
+import os
 import warnings
 
 import torch
@@ -78,25 +79,76 @@ def attention(
     doc_ids: torch.Tensor | None = None,
     scale: float | None = None,
     backend: str | None = None,
+    impl: str | None = None,
+    deterministic: bool = False,
 ) -> torch.Tensor:
     """Exact attention; the Triton flash-attention kernel on CUDA, the reference elsewhere.
 
     ``doc_ids`` (B, S) gives each key position a document id; a query attends only to keys of its
-    own document. ``scale`` defaults to 1/sqrt(D). Shapes the kernel does not cover (head dims
-    other than those of :func:`supported_head_dims`, fp32 on CUDA, T > S) run the reference,
-    with a warning the first time.
+    own document. ``scale`` defaults to 1/sqrt(D).
+
+    ``impl`` picks the Triton kernels: ``"fa2"`` (this module, the default) or ``"hopper"``
+    (:mod:`kernels.attention_hopper`: tensor descriptors, autotuned forward, five-product backward
+    with atomic dQ); ``None`` reads ``KERNELS_ATTENTION_IMPL``. ``deterministic=True`` makes the
+    hopper path use the FlashAttention-2 backward, whose results are bitwise reproducible (the fa2
+    path always is). Where the hopper path cannot run (a Triton without tensor descriptors,
+    unaligned strides) the fa2 kernels run, with a warning the first time.
+
+    Shapes the kernels do not cover (head dims other than those of :func:`supported_head_dims`,
+    fp32 on CUDA, T > S) run the reference with a warning the first time, except on a GPU where
+    the reference would need a dense (B, 1, T, S) mask (document ids, or causal with T != S):
+    that is an error naming the shape, never a silent O(T * S) fallback.
     """
     _check_shapes(q, k, v, doc_ids)
+    impl = _resolve_impl(impl)
     if not use_triton(q, backend):
         return attention_reference(q, k, v, causal=causal, doc_ids=doc_ids, scale=scale)
     reason = _unsupported(q, k, v)
     if reason is not None:
+        if _refuses_dense_mask(q) and _needs_dense_mask(q, k, causal, doc_ids):
+            raise ValueError(
+                f"kernels.attention: the Triton kernels do not cover {reason} (q {tuple(q.shape)} "
+                f"{q.dtype}, k {tuple(k.shape)}), and the reference would build a dense "
+                f"(B, 1, {q.shape[2]}, {k.shape[2]}) mask on the GPU"
+            )
         _warn_once(reason)
         return attention_reference(q, k, v, causal=causal, doc_ids=doc_ids, scale=scale)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if impl == "hopper":
+        from kernels import attention_hopper
+
+        why_not = attention_hopper.unsupported(q, k, v)
+        if why_not is None:
+            spans = _document_spans(doc_ids) if doc_ids is not None else (None, None, None)
+            runs = attention_hopper.document_runs(spans[0]) if doc_ids is not None else (None,) * 2
+            out, _ = attention_hopper.flash_attention_hopper_forward(
+                q, k, v, *spans, *runs, bool(causal), scale, bool(deterministic)
+            )
+            return out
+        _warn_once(f"{why_not} in the hopper kernels", "the FlashAttention-2 kernels")
     spans = _document_spans(doc_ids) if doc_ids is not None else (None, None, None)
     out, _ = _flash_attention_forward(q, k, v, *spans, bool(causal), scale)
     return out
+
+
+IMPLS = ("fa2", "hopper")
+
+
+def _resolve_impl(impl: str | None) -> str:
+    choice = impl or os.environ.get("KERNELS_ATTENTION_IMPL") or "fa2"
+    if choice not in IMPLS:
+        raise ValueError(f"unknown attention impl {choice!r}; choose one of {IMPLS}")
+    return choice
+
+
+def _refuses_dense_mask(q: torch.Tensor) -> bool:
+    """On a GPU a dense (B, 1, T, S) mask is a memory cliff, so it is refused (an error)."""
+    return q.is_cuda
+
+
+def _needs_dense_mask(q, k, causal: bool, doc_ids) -> bool:
+    """Whether :func:`attention_reference` would materialise a (B, 1, T, S) mask."""
+    return doc_ids is not None or (causal and q.shape[-2] != k.shape[-2])
 
 
 def supported_head_dims(on_gpu: bool = not INTERPRET) -> tuple[int, ...]:
@@ -142,8 +194,6 @@ def _unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | Non
         return f"{T} queries against {S} keys"
     if not (q.device == k.device == v.device):
         return "q, k and v on different devices"
-    if max(T * q.stride(2), T * q.shape[1] * D, S * k.stride(2), S * v.stride(2)) >= 2**31:
-        return "sequences whose per-head offsets exceed 32 bits"
     return None
 
 
@@ -151,12 +201,11 @@ _CPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _warned: set[str] = set()
 
 
-def _warn_once(reason: str) -> None:
+def _warn_once(reason: str, instead: str = "the PyTorch reference") -> None:
     if reason not in _warned:
         _warned.add(reason)
         warnings.warn(
-            f"kernels.attention: the Triton kernel does not cover {reason}; "
-            "using the PyTorch reference",
+            f"kernels.attention: the Triton kernel does not cover {reason}; using {instead}",
             stacklevel=3,
         )
 
@@ -494,8 +543,12 @@ if triton is not None:
         for start_n in range(start, end, BLOCK_N):
             keys = start_n + offs_n
             in_keys = keys < S
-            k = tl.load(k_ptrs + start_n * stride_kt, mask=in_keys[:, None], other=0.0)
-            v = tl.load(v_ptrs + start_n * stride_vt, mask=in_keys[:, None], other=0.0)
+            k = tl.load(
+                k_ptrs + tl.cast(start_n, tl.int64) * stride_kt, mask=in_keys[:, None], other=0.0
+            )
+            v = tl.load(
+                v_ptrs + tl.cast(start_n, tl.int64) * stride_vt, mask=in_keys[:, None], other=0.0
+            )
             if UPCAST:
                 k = k.to(tl.float32)
                 v = v.to(tl.float32)
@@ -559,11 +612,13 @@ if triton is not None:
         hk = h // GROUP
         doc_row = DOC + b * S
 
-        rows = start_m + tl.arange(0, BLOCK_M)
+        offs_m = tl.arange(0, BLOCK_M)
+        rows = start_m + offs_m
         in_rows = rows < T
         q_pos = rows + (S - T)
         cols = tl.arange(0, HEAD_DIM)
-        q_ptrs = Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qt + cols[None, :]
+        tile = offs_m[:, None] * stride_qt + cols[None, :]  # 32-bit within the block
+        q_ptrs = Q + b * stride_qb + h * stride_qh + tl.cast(start_m, tl.int64) * stride_qt + tile
         q = tl.load(q_ptrs, mask=in_rows[:, None], other=0.0)
         if UPCAST:
             q = q.to(tl.float32)
@@ -590,9 +645,10 @@ if triton is not None:
         )  # fmt: skip
 
         l_i = tl.where(in_rows, l_i, 1.0)  # rows past T saw no key; keep them finite
-        o_ptrs = OUT + b * stride_ob + h * stride_oh + rows[:, None] * stride_ot + cols[None, :]
+        o_ptrs = OUT + b * stride_ob + h * stride_oh + tl.cast(start_m, tl.int64) * stride_ot
+        o_ptrs += offs_m[:, None] * stride_ot + cols[None, :]
         tl.store(o_ptrs, (acc / l_i[:, None]).to(OUT.dtype.element_ty), mask=in_rows[:, None])
-        tl.store(LSE + bh * T + rows, m_i + tl.math.log2(l_i), mask=in_rows)
+        tl.store(LSE + bh.to(tl.int64) * T + rows, m_i + tl.math.log2(l_i), mask=in_rows)
 
     @triton.jit
     def _attn_bwd_delta_kernel(
@@ -614,14 +670,19 @@ if triton is not None:
         bh = tl.program_id(0)
         b = (bh // H).to(tl.int64)
         h = (bh % H).to(tl.int64)
-        rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+        start_m = tl.program_id(1) * BLOCK_M
+        offs_m = tl.arange(0, BLOCK_M)
+        rows = start_m + offs_m
         in_rows = rows < T
         cols = tl.arange(0, HEAD_DIM)
-        o_ptrs = OUT + b * stride_ob + h * stride_oh + rows[:, None] * stride_ot + cols[None, :]
-        do_ptrs = DO + b * stride_dob + h * stride_doh + rows[:, None] * stride_dot + cols[None, :]
+        start = tl.cast(start_m, tl.int64)
+        o_ptrs = OUT + b * stride_ob + h * stride_oh + start * stride_ot
+        o_ptrs += offs_m[:, None] * stride_ot + cols[None, :]
+        do_ptrs = DO + b * stride_dob + h * stride_doh + start * stride_dot
+        do_ptrs += offs_m[:, None] * stride_dot + cols[None, :]
         o = tl.load(o_ptrs, mask=in_rows[:, None], other=0.0).to(tl.float32)
         do = tl.load(do_ptrs, mask=in_rows[:, None], other=0.0).to(tl.float32)
-        tl.store(DELTA + bh * T + rows, tl.sum(o * do, 1), mask=in_rows)
+        tl.store(DELTA + bh.to(tl.int64) * T + rows, tl.sum(o * do, 1), mask=in_rows)
 
     @triton.jit
     def _attn_bwd_dkdv_kernel(
@@ -678,11 +739,15 @@ if triton is not None:
         start_n = tl.program_id(1) * BLOCK_N
         b = (bh // H_KV).to(tl.int64)
         hk = (bh % H_KV).to(tl.int64)
-        keys = start_n + tl.arange(0, BLOCK_N)
+        offs_n = tl.arange(0, BLOCK_N)
+        keys = start_n + offs_n
         in_keys = keys < S
         cols = tl.arange(0, HEAD_DIM)
-        k_ptrs = K + b * stride_kb + hk * stride_kh + keys[:, None] * stride_kt + cols[None, :]
-        v_ptrs = V + b * stride_vb + hk * stride_vh + keys[:, None] * stride_vt + cols[None, :]
+        start = tl.cast(start_n, tl.int64)
+        k_ptrs = K + b * stride_kb + hk * stride_kh + start * stride_kt
+        k_ptrs += offs_n[:, None] * stride_kt + cols[None, :]
+        v_ptrs = V + b * stride_vb + hk * stride_vh + start * stride_vt
+        v_ptrs += offs_n[:, None] * stride_vt + cols[None, :]
         k = tl.load(k_ptrs, mask=in_keys[:, None], other=0.0)
         v = tl.load(v_ptrs, mask=in_keys[:, None], other=0.0)
         if UPCAST:
@@ -709,8 +774,8 @@ if triton is not None:
             h = hk * GROUP + g
             rows = start_m + offs_m
             in_rows = rows < T
-            q_head = Q + b * stride_qb + h * stride_qh + start_m * stride_qt
-            do_head = DO + b * stride_dob + h * stride_doh + start_m * stride_dot
+            q_head = Q + b * stride_qb + h * stride_qh + tl.cast(start_m, tl.int64) * stride_qt
+            do_head = DO + b * stride_dob + h * stride_doh + tl.cast(start_m, tl.int64) * stride_dot
             q = tl.load(q_head + q_offs, mask=in_rows[:, None], other=0.0)
             do = tl.load(do_head + do_offs, mask=in_rows[:, None], other=0.0)
             if UPCAST:
@@ -728,8 +793,10 @@ if triton is not None:
             ds_t = p_t * (tl.dot(v, tl.trans(do)) - delta[None, :])
             dk = tl.dot(ds_t.to(q.dtype), q, dk)
 
-        dk_ptrs = DK + b * stride_dkb + hk * stride_dkh + keys[:, None] * stride_dkt + cols[None, :]
-        dv_ptrs = DV + b * stride_dvb + hk * stride_dvh + keys[:, None] * stride_dvt + cols[None, :]
+        dk_ptrs = DK + b * stride_dkb + hk * stride_dkh + start * stride_dkt
+        dk_ptrs += offs_n[:, None] * stride_dkt + cols[None, :]
+        dv_ptrs = DV + b * stride_dvb + hk * stride_dvh + start * stride_dvt
+        dv_ptrs += offs_n[:, None] * stride_dvt + cols[None, :]
         tl.store(dk_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=in_keys[:, None])
         tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=in_keys[:, None])
 
@@ -766,8 +833,12 @@ if triton is not None:
         for start_n in range(start, end, BLOCK_N):
             keys = start_n + offs_n
             in_keys = keys < S
-            k = tl.load(k_ptrs + start_n * stride_kt, mask=in_keys[:, None], other=0.0)
-            v = tl.load(v_ptrs + start_n * stride_vt, mask=in_keys[:, None], other=0.0)
+            k = tl.load(
+                k_ptrs + tl.cast(start_n, tl.int64) * stride_kt, mask=in_keys[:, None], other=0.0
+            )
+            v = tl.load(
+                v_ptrs + tl.cast(start_n, tl.int64) * stride_vt, mask=in_keys[:, None], other=0.0
+            )
             if UPCAST:
                 k = k.to(tl.float32)
                 v = v.to(tl.float32)
@@ -831,19 +902,23 @@ if triton is not None:
         hk = h // GROUP
         doc_row = DOC + b * S
 
-        rows = start_m + tl.arange(0, BLOCK_M)
+        offs_m = tl.arange(0, BLOCK_M)
+        rows = start_m + offs_m
         in_rows = rows < T
         q_pos = rows + (S - T)
         cols = tl.arange(0, HEAD_DIM)
-        q_ptrs = Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qt + cols[None, :]
-        do_ptrs = DO + b * stride_dob + h * stride_doh + rows[:, None] * stride_dot + cols[None, :]
+        start = tl.cast(start_m, tl.int64)
+        q_ptrs = Q + b * stride_qb + h * stride_qh + start * stride_qt
+        q_ptrs += offs_m[:, None] * stride_qt + cols[None, :]
+        do_ptrs = DO + b * stride_dob + h * stride_doh + start * stride_dot
+        do_ptrs += offs_m[:, None] * stride_dot + cols[None, :]
         q = tl.load(q_ptrs, mask=in_rows[:, None], other=0.0)
         do = tl.load(do_ptrs, mask=in_rows[:, None], other=0.0)
         if UPCAST:
             q = q.to(tl.float32)
             do = do.to(tl.float32)
-        lse = tl.load(LSE + bh * T + rows, mask=in_rows, other=0.0)
-        delta = tl.load(DELTA + bh * T + rows, mask=in_rows, other=0.0)
+        lse = tl.load(LSE + bh.to(tl.int64) * T + rows, mask=in_rows, other=0.0)
+        delta = tl.load(DELTA + bh.to(tl.int64) * T + rows, mask=in_rows, other=0.0)
         q_doc = rows
         if HAS_DOC:
             q_doc = tl.load(doc_row + q_pos, mask=in_rows, other=-1)
@@ -863,7 +938,8 @@ if triton is not None:
             dq, q, do, lse, delta, q_pos, q_doc, k_base, v_base, stride_kt, stride_vt, doc_row,
             mid, hi, S, qk_scale, HEAD_DIM, BLOCK_N, True, CAUSAL, HAS_DOC, UPCAST,
         )  # fmt: skip
-        dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqt + cols[None, :]
+        dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + start * stride_dqt
+        dq_ptrs += offs_m[:, None] * stride_dqt + cols[None, :]
         tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=in_rows[:, None])
 
 

@@ -75,8 +75,15 @@ def check_against_float64(
     scale: float | None = None,
     dtype: torch.dtype = torch.float32,
     bthd_layout: bool = False,
+    impl: str = "fa2",
+    deterministic: bool = False,
+    corrupt: str | None = None,
 ) -> None:
-    """Output and dq, dk, dv of the Triton op against the float64 reference on the same inputs."""
+    """Output and dq, dk, dv of the Triton op against the float64 reference on the same inputs.
+
+    ``corrupt`` names a result ("output", "dq", "dk", "dv") to scale by 1.01 before comparing,
+    which must then fail: the tolerances are tight enough to see a 1% error.
+    """
     seed, gen = rng
     S = T if S is None else S
 
@@ -90,7 +97,10 @@ def check_against_float64(
     grad_out = randn(B, Hq, T, D)
 
     ours = [x.detach().clone().requires_grad_() for x in (q, k, v)]
-    out = attention(*ours, causal=causal, doc_ids=doc_ids, scale=scale, backend="triton")
+    out = attention(
+        *ours, causal=causal, doc_ids=doc_ids, scale=scale, backend="triton", impl=impl,
+        deterministic=deterministic,
+    )  # fmt: skip
     out.backward(grad_out)
 
     exact = [x.detach().double().requires_grad_() for x in (q, k, v)]
@@ -104,6 +114,8 @@ def check_against_float64(
         (ref, *(x.grad for x in exact)),
     ):
         assert got.dtype == dtype
+        if name == corrupt:
+            got = got * 1.01
         torch.testing.assert_close(
             got.double(), want, **TOLERANCES[dtype], msg=lambda m, n=name: f"{n}, seed {seed}: {m}"
         )
