@@ -14,8 +14,15 @@ benchmarked inputs:
   the measured copy bandwidth of the GPU.
 - linear_cross_entropy: 16k tokens, 128k vocabulary, hidden 4096, bf16: time and peak memory of
   forward+backward vs the unfused ``logits = h @ W.T; cross_entropy(logits.float())``.
-- pointwise: RMSNorm, SwiGLU and RoPE forward and forward+backward GB/s vs the PyTorch reference
-  in eager mode and under ``torch.compile``.
+- pointwise: RMSNorm, residual add + RMSNorm, SwiGLU and RoPE forward and forward+backward GB/s
+  vs the PyTorch reference in eager mode and under ``torch.compile``; the fused residual add +
+  RMSNorm also vs our separate add and RMSNorm.
+- adamw also times the step with gradient clipping: ``clip_grad_scale`` + ``step(grad_scale=...)``
+  (the coefficient applied inside our kernel) vs ``clip_grad_norm_`` + fused ``torch.optim.AdamW``.
+- linear_cross_entropy also runs our kernel with the previous weight-gradient accumulation
+  (``grad_weight += logits.t() @ h``, a vocab x hidden half-precision temporary per chunk).
+- decode_attention: split-KV vs the single-pass decode kernel at long context and small batches
+  (bf16, GQA group 4, D = 128): time and achieved GB/s of the KV cache read.
 
 Usage::
 
@@ -61,7 +68,7 @@ if str(ROOT) not in sys.path:
 import kernels  # noqa: E402
 from kernels.adamw import AdamW  # noqa: E402
 
-SECTIONS = ("attention", "adamw", "linear_cross_entropy", "pointwise")
+SECTIONS = ("attention", "adamw", "linear_cross_entropy", "pointwise", "decode_attention")
 
 
 @dataclass
@@ -318,9 +325,52 @@ def bench_adamw(setup: Setup) -> list[dict]:
             row |= {"step_ms": ms, "bytes_per_param": moved / n_params, "gbps": gbps}
             row |= {"copy_gbps": bandwidth, "of_copy": gbps / bandwidth}
             rows.append(row)
+        rows += bench_adamw_with_clip(setup, params, n_params, dtype)
         del params
         free_memory(setup)
     rows += adamw_correctness(setup)
+    return rows
+
+
+def bench_adamw_with_clip(setup: Setup, params, n_params: int, dtype) -> list[dict]:
+    """A clipped step: our kernel applies the coefficient (no pass over the gradients, no host
+    sync); torch clips in place (a read and a write of every gradient) and then steps."""
+    from kernels.adamw import clip_grad_scale
+
+    hyper = {"lr": 3e-4, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1}
+    max_norm = 1e-3  # below the gradients' norm, so every step clips
+
+    def ours():
+        opt = AdamW(params, backend="triton", **hyper)
+
+        def step():
+            _, scale = clip_grad_scale(params, max_norm)
+            opt.step(grad_scale=scale)
+
+        return opt, step
+
+    def torch_fused():
+        opt = torch.optim.AdamW(params, fused=setup.cuda, **hyper)
+
+        def step():
+            torch.nn.utils.clip_grad_norm_(params, max_norm)
+            opt.step()
+
+        return opt, step
+
+    rows = []
+    for name, make in {"ours+clip": ours, "torch-fused+clip": torch_fused}.items():
+        row = {"impl": name, "dtype": str(dtype).removeprefix("torch."), "params": n_params}
+        try:
+            opt, step = make()
+            step()
+            row["step_clip_ms"] = measure_ms(step, setup)
+            del opt
+        except Exception as exc:
+            row["error"] = error_text(exc)
+        finally:
+            free_memory(setup)
+        rows.append(row)
     return rows
 
 
@@ -364,6 +414,25 @@ def unfused_linear_cross_entropy(hidden, weight, targets):
     return F.cross_entropy((hidden @ weight.t()).float(), targets)
 
 
+def previous_dw_linear_cross_entropy(hidden, weight, targets):
+    """Our kernel with the weight gradient accumulated as before: ``grad_weight += g.t() @ h``."""
+    import importlib
+
+    ce = importlib.import_module("kernels.cross_entropy")
+
+    def accumulate(grad_weight, g, h):
+        if g.dtype == torch.float32:
+            grad_weight.addmm_(g.t(), h)
+        else:
+            grad_weight += g.t() @ h
+
+    current, ce._accumulate_weight_grad = ce._accumulate_weight_grad, accumulate
+    try:
+        return kernels.linear_cross_entropy(hidden, weight, targets, backend="triton")
+    finally:
+        ce._accumulate_weight_grad = current
+
+
 def bench_linear_cross_entropy(setup: Setup) -> list[dict]:
     N, V, d = (16, 300, 32) if setup.smoke else (16384, 128256, 4096)
     gen = torch.Generator(device=setup.device).manual_seed(0)
@@ -374,6 +443,7 @@ def bench_linear_cross_entropy(setup: Setup) -> list[dict]:
     weight.requires_grad_()
     impls = {
         "ours": lambda: kernels.linear_cross_entropy(hidden, weight, targets, backend="triton"),
+        "ours-previous-dw": lambda: previous_dw_linear_cross_entropy(hidden, weight, targets),
         "torch-unfused": lambda: unfused_linear_cross_entropy(hidden, weight, targets),
     }
     rows, grads = [], {}
@@ -390,7 +460,7 @@ def bench_linear_cross_entropy(setup: Setup) -> list[dict]:
             hidden.grad = weight.grad = None
             free_memory(setup)
         rows.append(row)
-    if len(grads) == 2:
+    if "ours" in grads and "torch-unfused" in grads:
         ours, ref = grads["ours"], grads["torch-unfused"]
         errs = [
             ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item() for a, b in zip(ours, ref)
@@ -437,6 +507,7 @@ def pointwise_cases(setup: Setup) -> list[dict]:
         return torch.randn(*shape, device=dev, dtype=dtype, generator=gen).requires_grad_()
 
     x, w = randn(N, d), randn(d)
+    f = randn(N, d)  # a sublayer output joining the residual stream x
     gate, up = randn(N, ffn), randn(N, ffn)
     q, k = randn(B, Hq, T, D), randn(B, Hkv, T, D)
     cos, sin = kernels.rope_cos_sin(torch.arange(T, device=dev), D)
@@ -450,6 +521,16 @@ def pointwise_cases(setup: Setup) -> list[dict]:
             "ref": kernels.rms_norm_reference,
             "fwd_bytes": 2 * x.numel() * size,
             "bwd_bytes": 3 * x.numel() * size,
+        },
+        {
+            "op": "add_rms_norm",
+            "shape": f"{N}x{d}",
+            "inputs": (f, x, w),
+            "ours": lambda f, x, w: kernels.add_rms_norm(f, x, w, backend="triton"),
+            "ref": kernels.add_rms_norm_reference,
+            "extra": {"ours-separate": separate_add_rms_norm},
+            "fwd_bytes": 4 * x.numel() * size,  # read f and x; write the sum and its norm
+            "bwd_bytes": 4 * x.numel() * size,  # read both grads and the sum; write one grad
         },
         {
             "op": "swiglu",
@@ -472,6 +553,12 @@ def pointwise_cases(setup: Setup) -> list[dict]:
     ]
 
 
+def separate_add_rms_norm(f, x, w):
+    """Our RMSNorm kernel after a separate residual add (the unfused pair of passes)."""
+    summed = f + x
+    return kernels.rms_norm(summed, w, backend="triton"), summed
+
+
 def forward_backward(fn, inputs, grads) -> Callable[[], None]:
     def run():
         out = fn(*inputs)
@@ -489,7 +576,7 @@ def bench_pointwise(setup: Setup) -> list[dict]:
             "ours": case["ours"],
             "torch-eager": case["ref"],
             "torch-compile": torch.compile(case["ref"], backend=setup.compile_backend),
-        }
+        } | case.get("extra", {})
         expected = case["ref"](*inputs)
         expected = expected if isinstance(expected, tuple) else (expected,)
         grads = tuple(torch.randn_like(t) for t in expected)
@@ -511,11 +598,62 @@ def bench_pointwise(setup: Setup) -> list[dict]:
             row |= {"fwd_ms": fwd, "fwd_bwd_ms": both}
             row["fwd_gbps"] = case["fwd_bytes"] / fwd / 1e6
             row["fwd_bwd_gbps"] = (case["fwd_bytes"] + case["bwd_bytes"]) / both / 1e6
-            if name == "ours":
+            if name.startswith("ours"):
                 tol = 1e-5 if setup.dtype == torch.float32 else 2e-2
                 row["ok"] = row["max_err"] <= tol * max(e.abs().max().item() for e in expected)
             rows.append(row)
         free_memory(setup)
+    return rows
+
+
+# --------------------------------------------------------------------------- decode attention
+
+
+def decode_cases(setup: Setup) -> list[tuple[int, int, int, int, int]]:
+    """(B, Hq, Hkv, context, D): small batches at long context, where split-KV matters."""
+    if setup.smoke:
+        return [(1, 4, 1, 100, 32), (2, 4, 1, 70, 32)]
+    contexts = (8192, 32768) if setup.quick else (4096, 16384, 65536, 131072)
+    return [(B, 32, 8, n, 128) for n in contexts for B in (1, 4)]
+
+
+def bench_decode_attention(setup: Setup) -> list[dict]:
+    rows = []
+    for case in progress(decode_cases(setup), "decode"):
+        rows += bench_decode_case(setup, *case)
+        free_memory(setup)
+    return rows
+
+
+def bench_decode_case(setup: Setup, B: int, Hq: int, Hkv: int, n: int, D: int) -> list[dict]:
+    """Every row at the full context ``n``; both kernels checked against an fp32 reference."""
+    from kernels.decode_attention import decode_attention, decode_attention_reference
+
+    gen = torch.Generator(device=setup.device).manual_seed(0)
+    shapes = [(B, Hkv, n, D), (B, Hkv, n, D), (B, Hq, D)]
+    k_cache, v_cache, q = (
+        torch.randn(s, device=setup.device, dtype=setup.dtype, generator=gen) for s in shapes
+    )
+    slots = torch.arange(B, device=setup.device)
+    lengths = torch.full((B,), n, device=setup.device)
+    expected = decode_attention_reference(q.float(), k_cache, v_cache, slots, lengths)
+    kv_bytes = 2 * B * Hkv * n * D * k_cache.element_size()
+    rows = []
+    for name, split in (("ours-split-kv", True), ("ours-single-pass", False)):
+        row = {"impl": name, "B": B, "context": n, "Hq": Hq, "Hkv": Hkv, "D": D}
+        run = functools.partial(
+            decode_attention, q, k_cache, v_cache, slots, lengths, backend="triton", split_kv=split
+        )
+        try:
+            err = (run().float() - expected.float()).abs().max().item()
+            ms = measure_ms(run, setup)
+        except Exception as exc:
+            rows.append(row | {"error": error_text(exc)})
+            continue
+        tol = 1e-4 if setup.dtype == torch.float32 else 2e-2
+        rows.append(
+            row | {"ms": ms, "kv_gbps": kv_bytes / ms / 1e6, "max_err": err, "ok": err <= tol}
+        )
     return rows
 
 
@@ -560,15 +698,17 @@ def table(title: str, rows: list[dict], columns: list[str]) -> str:
 
 TABLES = {
     "attention": ["case", "impl", "fwd_tflops", "bwd_tflops", "fwd_bwd_tflops", "max_err", "ok"],
-    "adamw": ["impl", "dtype", "step_ms", "bytes_per_param", "gbps", "of_copy", "max_err", "ok"],
+    "adamw": ["impl", "dtype", "step_ms", "step_clip_ms", "bytes_per_param", "gbps", "of_copy", "max_err", "ok"],
     "linear_cross_entropy": ["impl", "tokens", "vocab", "hidden", "fwd_ms", "fwd_bwd_ms", "peak_mib", "ok"],
     "pointwise": ["op", "shape", "impl", "fwd_gbps", "fwd_bwd_gbps", "max_err", "ok"],
+    "decode_attention": ["impl", "B", "context", "Hq", "Hkv", "D", "ms", "kv_gbps", "max_err", "ok"],
 }  # fmt: skip
 RUNNERS = {
     "attention": bench_attention,
     "adamw": bench_adamw,
     "linear_cross_entropy": bench_linear_cross_entropy,
     "pointwise": bench_pointwise,
+    "decode_attention": bench_decode_attention,
 }
 
 

@@ -44,17 +44,23 @@ def test_bench_kernels_smoke_runs_every_section(tmp_path):
     assert all(r["bytes_per_param"] == 28 for r in timed)  # fp32: p, m, v read+write, g read
     checked = [r for r in adamw if "max_err" in r]
     assert checked and all(r["ok"] for r in checked)
+    clipped = {r["impl"] for r in adamw if r.get("step_clip_ms", 0) > 0}
+    assert clipped == {"ours+clip", "torch-fused+clip"}
 
     xent = {r["impl"]: r for r in report["linear_cross_entropy"]}
     assert xent["ours"]["ok"] and xent["torch-unfused"]["fwd_bwd_ms"] > 0
+    assert xent["ours-previous-dw"]["fwd_bwd_ms"] > 0
 
     pointwise = report["pointwise"]
     assert {(r["op"], r["impl"]) for r in pointwise} == {
         (op, impl)
-        for op in ("rms_norm", "swiglu", "rope")
+        for op in ("rms_norm", "add_rms_norm", "swiglu", "rope")
         for impl in ("ours", "torch-eager", "torch-compile")
-    }
+    } | {("add_rms_norm", "ours-separate")}
     assert all(r["ok"] for r in pointwise if r["impl"] == "ours")
+    decode = report["decode_attention"]
+    assert {r["impl"] for r in decode} == {"ours-split-kv", "ours-single-pass"}
+    assert all(r["ok"] and r["ms"] > 0 for r in decode)
     assert "fwd_bwd_gbps" in proc.stdout and "all kernels correct" in proc.stdout
 
 
