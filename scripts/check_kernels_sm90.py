@@ -13,7 +13,10 @@ a list of builds, one per configuration its GPU path can choose::
      "signature": {"Q": "*bf16", "T": "i32", "scale": "fp32", "BLOCK_M": "constexpr", ...},
      "constexprs": {"BLOCK_M": 128, ...}, "num_warps": 8, "num_stages": 3, "matrix": True}
 
-Optional keys: ``"maxnreg"`` (a register cap passed to the compiler) and ``"divisible_by_16"``
+Optional keys: ``"descriptors"`` (the build moves tiles through tensor descriptors: its SASS must
+hold TMA loads ``UTMALDG``), ``"warp_specialized"`` (its PTX must hold ``setmaxnreg``, the register
+hand-over between the producer and consumer warp groups), ``"maxnreg"`` (a register cap passed to
+the compiler) and ``"divisible_by_16"``
 (argument names specialized as 16-divisible, as the launcher does; default: every pointer).
 
 The check fails (exit 1) when any build does not compile, spills (stack or local bytes > 0), uses
@@ -91,6 +94,10 @@ class BuildResult:
     hgmma: int | None = None
     hmma: int | None = None
     ffma: int | None = None
+    utmaldg: int | None = None  # TMA loads / stores / reduce-adds in the SASS
+    utmastg: int | None = None
+    utmaredg: int | None = None
+    setmaxnreg: int | None = None  # setmaxnreg instructions in the PTX (warp specialization)
     compile_s: float | None = None
     cpu_s: float | None = None
     problems: list[str] = field(default_factory=list)
@@ -340,6 +347,9 @@ def compile_build(build: dict, result: BuildResult, sass: bool) -> None:
     if ops is not None:
         result.hgmma, result.hmma = ops.get("HGMMA", 0), ops.get("HMMA", 0)
         result.ffma = ops.get("FFMA", 0)
+        result.utmaldg, result.utmastg = ops.get("UTMALDG", 0), ops.get("UTMASTG", 0)
+        result.utmaredg = ops.get("UTMAREDG", 0)
+    result.setmaxnreg = compiled.asm["ptx"].count("setmaxnreg.")
 
 
 def judge(result: BuildResult, build: dict) -> None:
@@ -355,6 +365,13 @@ def judge(result: BuildResult, build: dict) -> None:
             "use smaller tiles or fewer stages"
         )
     half = any(t in ("*bf16", "*fp16") for t in build["signature"].values())
+    if build.get("descriptors") and result.utmaldg == 0:
+        result.problems.append("descriptor build without TMA loads (no UTMALDG in the SASS)")
+    if build.get("warp_specialized") and not result.setmaxnreg:
+        result.problems.append(
+            "warp-specialized build without setmaxnreg in the PTX: the compiler did not split "
+            "the loop into producer and consumer warp groups"
+        )
     if result.matrix and half and not result.hgmma:
         result.problems.append(
             f"matrix kernel without HGMMA (HMMA {result.hmma}, FFMA {result.ffma}): "
@@ -400,7 +417,7 @@ def run_build(ref: str, index: int, sass_all: bool = False) -> BuildResult:
 
 def format_table(results: list[BuildResult], markdown: bool = False) -> str:
     head = ["kernel", "build", "warps", "stages", "regs", "stack", "smem KB", "HGMMA", "HMMA",
-            "FFMA", "status"]  # fmt: skip
+            "FFMA", "TMA ld/st/red", "setmaxnreg", "status"]  # fmt: skip
     rows = []
     for r in results:
         smem = f"{r.smem / 1024:.1f}" if r.smem is not None else "-"
@@ -409,9 +426,16 @@ def format_table(results: list[BuildResult], markdown: bool = False) -> str:
             + [str(x) if x is not None else "-" for x in (r.regs, r.stack)]
             + [smem]
             + [str(x) if x is not None else "-" for x in (r.hgmma, r.hmma, r.ffma)]
+            + [_tma(r), str(r.setmaxnreg) if r.setmaxnreg is not None else "-"]
             + ["ok" if r.ok else "FAIL"]
         )
     return render(head, rows, markdown)
+
+
+def _tma(r: BuildResult) -> str:
+    if r.utmaldg is None:
+        return "-"
+    return f"{r.utmaldg}/{r.utmastg}/{r.utmaredg}"
 
 
 def _span(values: list) -> str:
@@ -428,7 +452,7 @@ def format_by_kernel(results: list[BuildResult], markdown: bool = False) -> str:
     for r in results:
         kernels.setdefault((r.module, r.kernel), []).append(r)
     head = ["module", "kernel", "builds", "regs", "stack", "smem KB", "HGMMA", "HMMA", "FFMA",
-            "status"]  # fmt: skip
+            "UTMALDG", "setmaxnreg", "status"]  # fmt: skip
     rows = []
     for (module, kernel), rs in kernels.items():
         smem = [round(r.smem / 1024, 1) for r in rs if r.smem is not None]
@@ -437,6 +461,7 @@ def format_by_kernel(results: list[BuildResult], markdown: bool = False) -> str:
             + [_span([getattr(r, k) for r in rs]) for k in ("regs", "stack")]
             + [_span(smem)]
             + [_span([getattr(r, k) for r in rs]) for k in ("hgmma", "hmma", "ffma")]
+            + [_span([getattr(r, k) for r in rs]) for k in ("utmaldg", "setmaxnreg")]
             + ["ok" if all(r.ok for r in rs) else "FAIL"]
         )
     return render(head, rows, markdown)

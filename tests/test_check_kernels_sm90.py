@@ -117,3 +117,19 @@ def test_kernel_without_a_build_fails(tmp_path, name, message):
     assert f"| tests.sm90_fixtures.{name} | `{kernel}` | 1 |" in text  # the per-kernel table
     assert any(message in p for p in report["problems"]), report["problems"]
     assert message in text
+
+
+def test_tma_and_warp_specialization_gates(tmp_path):
+    """Descriptor builds must show UTMALDG, warp-specialized ones setmaxnreg; the table prints
+    both."""
+    rc, text, report = run_check(tmp_path, *fixture("descriptors"), "--jobs", "1")
+    assert rc == 1
+    builds = builds_by_name(report)
+    plain, ws4 = builds["tma_loop"], builds["tma_loop_ws4"]
+    assert plain["ok"] and plain["utmaldg"] > 0 and plain["setmaxnreg"] == 0, plain
+    assert ws4["ok"] and ws4["utmaldg"] > 0 and ws4["setmaxnreg"] > 0, ws4
+    assert not builds["tma_loop_ws8"]["ok"]
+    assert "without setmaxnreg" in builds["tma_loop_ws8"]["problems"][0]
+    assert not builds["pointers_as_tma"]["ok"]
+    assert "without TMA loads" in builds["pointers_as_tma"]["problems"][0]
+    assert "TMA ld/st/red" in text and "setmaxnreg" in text
