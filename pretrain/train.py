@@ -181,35 +181,134 @@ class StepStats:
     skipped: bool = False
 
 
-class SpikeDetector:
-    """Flags a loss that sits ``threshold`` standard deviations above its running mean.
+class TrainingDiverged(UserError):
+    """Training went wrong in a way more steps cannot repair; the run stops with exit 2.
 
-    Mean and variance are exponential moving averages of the accepted losses; nothing is flagged
-    until ``warmup`` losses were seen. Its state goes into checkpoints so a resume decides alike.
+    Raised before the bad state is updated or saved; the trainer adds the last good
+    checkpoint to the message, since only it knows the checkpointer.
     """
 
-    def __init__(self, threshold: float, warmup: int = 20, beta: float = 0.95):
+    def __init__(self, step: int, reason: str):
+        self.step, self.reason = step, reason
+        super().__init__(f"training diverged at step {step}: {reason}")
+
+
+class SpikeDetector:
+    """The loss and gradient guard of every step: stops a divergence, flags a loss spike.
+
+    A *divergence* stops the run, with no warm-up, so a blow-up at step 2 is caught:
+
+    - a loss or gradient norm that is not finite;
+    - a loss above ``loss_bound`` (``train.diverge_loss_factor x ln(vocab_size)``): a uniform
+      guess over the vocabulary costs ln(vocab_size), so a loss a few times higher is a model
+      that learned to be confidently wrong, whatever the data and from the first step;
+    - a gradient norm more than ``grad_factor`` times above or below the running geometric
+      mean of the accepted steps' norms (from the second step on, against the first): an
+      exploding gradient, or one that vanished because the model collapsed (activations that
+      overflowed predict a uniform distribution, with a loss of exactly ln(vocab_size)).
+
+    A *spike* is a loss ``threshold`` standard deviations above the running mean of the
+    accepted losses (exponential moving averages; only after ``warmup`` losses, since a
+    variance needs some). With ``train.skip_spikes`` its update is skipped; ``max_skipped``
+    skipped steps in a row mean the model does not come back, and stop the run. The state goes
+    into checkpoints so that a resumed run decides alike.
+    """
+
+    def __init__(
+        self,
+        threshold: float,
+        warmup: int = 20,
+        beta: float = 0.95,
+        *,
+        loss_bound: float = math.inf,
+        grad_factor: float = 0.0,
+        max_skipped: int = 5,
+    ):
         self.threshold, self.warmup, self.beta = threshold, warmup, beta
+        self.loss_bound, self.grad_factor, self.max_skipped = loss_bound, grad_factor, max_skipped
         self.count, self.mean, self.var = 0, 0.0, 0.0
+        self.grad_count, self.log_grad_mean = 0, 0.0
+        self.consecutive_skips = 0
+
+    @classmethod
+    def from_config(cls, config) -> SpikeDetector:
+        """The guard ``config.train`` asks for (its divergence checks are always on)."""
+        t = config.train
+        factor = t.diverge_loss_factor
+        return cls(
+            t.spike_threshold,
+            loss_bound=factor * math.log(config.model.vocab_size) if factor > 0 else math.inf,
+            grad_factor=t.diverge_grad_factor,
+            max_skipped=t.max_skipped_steps,
+        )
+
+    def loss_divergence(self, loss: float) -> str | None:
+        """Why ``loss`` is a divergence, or None."""
+        if not math.isfinite(loss):
+            return f"loss {loss}"
+        if loss > self.loss_bound:
+            return (
+                f"loss {loss:.6g} is above train.diverge_loss_factor x ln(model.vocab_size) = "
+                f"{self.loss_bound:.4g} (a uniform guess costs ln(vocab_size))"
+            )
+        return None
+
+    def divergence(self, loss: float, grad_norm: float) -> str | None:
+        """Why a step with this loss and gradient norm is a divergence, or None."""
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            return f"loss {loss}, grad norm {grad_norm}"
+        reason = self.loss_divergence(loss)
+        if reason is None and self.grad_factor > 0 and self.grad_count > 0:
+            mean = math.exp(self.log_grad_mean)
+            if not mean / self.grad_factor <= grad_norm <= mean * self.grad_factor:
+                reason = (
+                    f"grad norm {grad_norm:.6g} is more than train.diverge_grad_factor = "
+                    f"{self.grad_factor:g} times away from its running mean {mean:.4g}"
+                )
+        return reason
 
     def is_spike(self, loss: float) -> bool:
         if self.count < self.warmup:
             return False
         return (loss - self.mean) / math.sqrt(self.var + 1e-12) > self.threshold
 
-    def update(self, loss: float) -> None:
+    def update(self, loss: float, grad_norm: float | None = None) -> None:
+        """Take an accepted step's loss (and gradient norm) into the running statistics."""
         if self.count == 0:
             self.mean = loss
         delta = loss - self.mean
         self.mean += (1 - self.beta) * delta
         self.var = self.beta * (self.var + (1 - self.beta) * delta * delta)
         self.count += 1
+        self.consecutive_skips = 0
+        if grad_norm is not None:
+            log_norm = math.log(max(grad_norm, 1e-30))
+            if self.grad_count == 0:
+                self.log_grad_mean = log_norm
+            self.log_grad_mean += (1 - self.beta) * (log_norm - self.log_grad_mean)
+            self.grad_count += 1
+
+    def skipped(self) -> bool:
+        """Count a skipped step; True once ``max_skipped`` were skipped in a row."""
+        self.consecutive_skips += 1
+        return self.consecutive_skips >= self.max_skipped
 
     def state_dict(self) -> dict:
-        return {"count": self.count, "mean": self.mean, "var": self.var}
+        return {
+            "count": self.count,
+            "mean": self.mean,
+            "var": self.var,
+            "grad_count": self.grad_count,
+            "log_grad_mean": self.log_grad_mean,
+            "consecutive_skips": self.consecutive_skips,
+        }
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore the statistics (a checkpoint of an older version has the loss ones only)."""
         self.count, self.mean, self.var = state["count"], state["mean"], state["var"]
+        self.grad_count = state.get("grad_count", 0)
+        self.log_grad_mean = state.get("log_grad_mean", 0.0)
+        self.consecutive_skips = state.get("consecutive_skips", 0)
 
 
 def _total_grad_norm(model: torch.nn.Module, max_norm: float) -> float:
@@ -293,8 +392,14 @@ def train_step(
     device: torch.device,
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     spikes: SpikeDetector | None = None,
+    skip_spikes: bool = True,
 ) -> StepStats:
-    """One optimizer step on one global batch; a non-finite loss stops before the update."""
+    """One optimizer step on one global batch.
+
+    A divergence (see :class:`SpikeDetector`; without one, a non-finite loss or gradient norm)
+    raises :class:`TrainingDiverged` before the update; with ``skip_spikes`` a loss spike
+    skips the update. Both decisions use the global loss and norm, so every rank takes them alike.
+    """
     loss, tokens = forward_backward(
         model,
         batch,
@@ -304,22 +409,19 @@ def train_step(
         autocast=autocast,
     )
     grad_norm = _total_grad_norm(model, grad_clip)
-    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+    guard = spikes if spikes is not None else SpikeDetector(math.inf)
+    reason = guard.divergence(loss, grad_norm)
+    if reason is not None:
         optimizer.zero_grad(set_to_none=True)
-        raise UserError(
-            f"training diverged at step {step}: loss {loss}, grad norm {grad_norm}; stopped "
-            "before the update, earlier checkpoints are intact. Lower train.lr, raise "
-            "train.warmup_steps or set train.grad_clip"
-        )
-    if spikes is not None and spikes.is_spike(loss):
+        raise TrainingDiverged(step, f"{reason}; stopped before its update")
+    if skip_spikes and guard.is_spike(loss):
         optimizer.zero_grad(set_to_none=True)
         return StepStats(loss=loss, grad_norm=grad_norm, tokens=tokens, skipped=True)
     for group in optimizer.param_groups:
         group["lr"] = lr
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    if spikes is not None:
-        spikes.update(loss)
+    guard.update(loss, grad_norm)
     return StepStats(loss=loss, grad_norm=grad_norm, tokens=tokens)
 
 
@@ -423,13 +525,31 @@ def _data_loaders(config, dist_info: DistInfo):
 
 
 class Preemption:
-    """Remembers a SIGTERM/SIGUSR1 so the loop can finish its step, save and exit cleanly."""
+    """Remembers a SIGTERM/SIGUSR1 so the loop can finish its step, save and exit cleanly.
+
+    Under torchrun it also notices the agent's death (the parent process changes): a SIGUSR1
+    or a SIGKILL to the agent leaves the workers unsupervised, and a requeued job would start
+    a second trainer beside them, so they save and stop as if signalled. A plain run does not
+    watch its parent: ``nohup pretrain train ... &`` must survive its shell.
+    """
 
     SIGNALS = ("SIGTERM", "SIGUSR1")
 
-    def __init__(self):
+    def __init__(self, watch_parent: bool | None = None):
         self.signal_name: str | None = None
         self._previous: dict[int, Any] = {}
+        if watch_parent is None:
+            watch_parent = "TORCHELASTIC_RUN_ID" in os.environ
+        self._parent = os.getppid() if watch_parent else None
+
+    @property
+    def reason(self) -> str | None:
+        """What asks the run to stop (a signal's name, or the agent's exit), or None."""
+        if self.signal_name is not None:
+            return self.signal_name
+        if self._parent is not None and os.getppid() != self._parent:
+            return "the exit of the torchrun agent"
+        return None
 
     def __enter__(self) -> Preemption:
         import threading
@@ -468,6 +588,7 @@ class TrainResult:
     val_bpb: float | None
     checkpoint: Path | None  # the checkpoint written last
     preempted: bool = False
+    state: str = "finished"  # or "preempted", as status.json says
 
 
 # --------------------------------------------------------------------------- the loop
@@ -519,7 +640,7 @@ class _Run:
     train_loader: Any
     make_val_loader: LoaderFactory | None
     bytes_per_token: float | None
-    spikes: SpikeDetector | None
+    spikes: SpikeDetector
     checkpointer: Any
     log: MetricsLogger
     flops_per_token: float
@@ -538,6 +659,8 @@ class _Progress:
     val_bpb: float | None = None
     last_saved: Path | None = None  # the checkpoint written last
     preempted: bool = False
+    signal: str | None = None  # the signal that preempted the run on this rank, if any
+    batch: Any = None  # the latest step's batch
 
 
 def _train(
@@ -566,7 +689,7 @@ def _train(
     model, param_dtype, flops_per_token, n_params = _build_model(config, dist_info)
     optimizer = build_optimizer(model, config, device)
     train_loader = make_train_loader(rank, world)
-    spikes = SpikeDetector(t.spike_threshold) if t.skip_spikes else None
+    spikes = SpikeDetector.from_config(config)
 
     progress = _Progress()
     if resume_from is not None:
@@ -603,19 +726,37 @@ def _train(
         peak_flops=peak_flops(device),
     )
 
-    if progress.step == 0:
-        _evaluate_and_log(run, progress)
+    status = _StatusFile(out_dir, enabled=dist_info.is_main)
+    status.write("running", step=progress.step, checkpoint=resume_from)
     try:
+        if progress.step == 0:
+            _evaluate_and_log(run, progress)
         _train_until(run, progress, stop_at=t.steps if t.stop_at <= 0 else min(t.steps, t.stop_at))
-    except UserError:
+        checkpointer.finish()
+    except TrainingDiverged as e:
         checkpointer.finish()  # publish an asynchronous save of a good step before stopping
         log.close()
+        good = checkpointer.latest()
+        error = _diverged_error(e, good)
+        status.write("diverged", step=e.step, checkpoint=good, message=str(error))
+        raise error from None
+    except BaseException as e:
+        if isinstance(e, UserError):
+            checkpointer.finish()
+        log.close()
+        status.write(
+            "failed",
+            step=progress.step,
+            checkpoint=checkpointer.latest(),
+            message=f"{type(e).__name__}: {e}"[:1000],
+        )
         raise
-    checkpointer.finish()
     barrier()
+    state = "preempted" if progress.preempted else "finished"
     if dist_info.is_main and not progress.preempted:
         log.print(_summary_line(progress, t.steps, out_dir))
     log.close()
+    status.write(state, step=progress.step, checkpoint=progress.last_saved, signal=progress.signal)
     return TrainResult(
         out_dir=out_dir,
         step=progress.step,
@@ -624,7 +765,62 @@ def _train(
         val_bpb=progress.val_bpb,
         checkpoint=progress.last_saved,
         preempted=progress.preempted,
+        state=state,
     )
+
+
+def _diverged_error(e: TrainingDiverged, good: Path | None) -> TrainingDiverged:
+    """The divergence with what to do about it: the last good checkpoint (never a diverged
+    one: nothing is saved that fails the guard) or the news that there is none."""
+    advice = "lower train.lr, raise train.warmup_steps or set train.grad_clip"
+    if good is None:
+        return TrainingDiverged(
+            e.step, f"{e.reason}. No checkpoint was saved before it: {advice}, then start again"
+        )
+    return TrainingDiverged(
+        e.step,
+        f"{e.reason}. The last good checkpoint is {good} (nothing after it was saved): {advice}, "
+        f"then continue from it with --checkpoint.resume {good}",
+    )
+
+
+class _StatusFile:
+    """``status.json`` in the run directory: how the run ended, for a wrapper to read.
+
+    ``{"state": "running" | "finished" | "preempted" | "diverged" | "failed", "step": N,
+    "checkpoint": path or null, "signal": ..., "message": ..., "pid": ..., "time": ...}``.
+    Rank 0 writes it when the loop starts and at every exit, atomically (temporary file, fsync,
+    rename), so a reader never sees half of one; ``running`` left behind means the process died
+    without a chance to write (SIGKILL, power loss).
+    """
+
+    NAME = "status.json"
+
+    def __init__(self, out_dir: Path, *, enabled: bool):
+        self.path, self.enabled = Path(out_dir) / self.NAME, enabled
+
+    def write(self, state: str, *, step: int, checkpoint: Path | None = None, **extra) -> None:
+        if not self.enabled:
+            return
+        import json
+
+        record = {
+            "state": state,
+            "step": step,
+            "checkpoint": str(checkpoint) if checkpoint is not None else None,
+            "signal": None,
+            "message": None,
+            **extra,
+            "pid": os.getpid(),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.NAME + ".tmp")
+        with open(tmp, "w") as f:
+            f.write(json.dumps(record, indent=2) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
 
 
 # --------------------------------------------------------------------------- setting a run up
@@ -774,12 +970,15 @@ def _write_run_header(
 def _train_until(run: _Run, progress: _Progress, stop_at: int) -> None:
     """Step until ``stop_at``, logging, evaluating and checkpointing as the config says.
 
-    A SIGTERM/SIGUSR1 on any rank ends the loop after the current step, with a checkpoint; all
-    ranks agree on it through an all-reduce, so they save and stop at the same step.
+    A SIGTERM/SIGUSR1 on any rank (or, under torchrun, the agent's death) ends the loop after
+    the current step, with a checkpoint; all ranks agree on it through an all-reduce, so they
+    save and stop at the same step. No checkpoint is written before :func:`_check_before_saving`
+    has passed the weights it would hold.
     """
     config, device = run.config, run.dist_info.device
     t = config.train
     window_start, window_tokens = time.perf_counter(), 0
+    deferred = False  # a checkpoint was due but its state was a spike: save at the next good step
     with Preemption() as preemption:
         while progress.step < stop_at:
             lr = lr_at(progress.step, t)
@@ -792,33 +991,89 @@ def _train_until(run: _Run, progress: _Progress, stop_at: int) -> None:
                 window_start, window_tokens = time.perf_counter(), 0
             if config.eval.every > 0 and (step % config.eval.every == 0 or step == t.steps):
                 _evaluate_and_log(run, progress)
-            (signalled,) = all_reduce_sum([1.0 if preemption.signal_name else 0.0], device)
-            due = config.checkpoint.every > 0 and step % config.checkpoint.every == 0
-            if signalled or due or step == stop_at:
-                progress.last_saved = run.checkpointer.save(
-                    step, run.model, run.optimizer, _trainer_state(run, progress)
-                )
+            reason = preemption.reason
+            (signalled,) = all_reduce_sum([1.0 if reason else 0.0], device)
+            due = deferred or (config.checkpoint.every > 0 and step % config.checkpoint.every == 0)
+            last = bool(signalled) or step == stop_at
+            if due or last:
+                problem = _check_before_saving(run, progress)
+                if problem is None:
+                    progress.last_saved = run.checkpointer.save(
+                        step, run.model, run.optimizer, _trainer_state(run, progress)
+                    )
+                    deferred = False
+                elif last:
+                    raise TrainingDiverged(
+                        step, f"{problem}; the run ends here and it was not saved"
+                    )
+                else:
+                    deferred = True
+                    run.log.print(f"step {step}: checkpoint postponed: {problem}")
             if signalled:
                 progress.preempted = True
+                progress.signal = reason or "a signal on another rank"
                 run.log.print(
-                    f"preempted by {preemption.signal_name or 'a signal on another rank'}: "
+                    f"preempted by {reason or 'a signal on another rank'}: "
                     f"saved {progress.last_saved} at step {step}; rerun with "
                     "--checkpoint.resume auto to continue"
                 )
                 break
 
 
+def _probe_after_update(run: _Run, progress: _Progress) -> tuple[float, float]:
+    """Loss and gradient norm of the latest step's batch under the weights that step left.
+
+    One forward and backward pass, whose gradients are dropped: no data read, no random numbers
+    drawn and nothing updated, so a run gives the same losses and weights with or without it.
+    """
+    t = run.config.train
+    loss, _ = forward_backward(
+        run.model,
+        progress.batch,
+        micro_batch_size=t.micro_batch_size,
+        world_size=run.dist_info.world_size,
+        device=run.dist_info.device,
+        autocast=run.autocast,
+    )
+    grad_norm = _total_grad_norm(run.model, 0.0)
+    run.optimizer.zero_grad(set_to_none=True)
+    return loss, grad_norm
+
+
+def _check_before_saving(run: _Run, progress: _Progress) -> str | None:
+    """Why the weights after this step must not be checkpointed yet (a spike), or None.
+
+    A step's loss is computed before its update, so the update that does the damage passes its
+    own check; the weights it left are judged here, by their loss and gradient on the batch
+    just trained on: a blown-up model has a huge loss or gradient, a collapsed one (overflowed
+    activations predict a uniform distribution) a gradient that vanished. A divergence raises
+    :class:`TrainingDiverged`, so a diverged model is never saved and the newest checkpoint
+    stays the last good one.
+    """
+    loss, grad_norm = _probe_after_update(run, progress)
+    reason = run.spikes.divergence(loss, grad_norm)
+    if reason is not None:
+        raise TrainingDiverged(
+            progress.step, f"after its update, {reason} on its batch; stopped before saving it"
+        )
+    if run.config.train.skip_spikes and run.spikes.is_spike(loss):
+        return f"after its update the loss of its batch is {loss:.4f}, a spike"
+    return None
+
+
 def _take_step(run: _Run, progress: _Progress, lr: float) -> None:
     """One optimizer step on the next global batch, counted in ``progress``.
 
     A step whose loss is a spike still counts (its batch was consumed) but is reported, so a
-    run that keeps skipping is visible on the console.
+    run that keeps skipping is visible on the console; ``train.max_skipped_steps`` of them in a
+    row stop it. The batch is kept for :func:`_check_before_saving`.
     """
     t = run.config.train
+    progress.batch = next(run.train_loader)
     progress.last = train_step(
         run.model,
         run.optimizer,
-        next(run.train_loader),
+        progress.batch,
         step=progress.step + 1,
         lr=lr,
         micro_batch_size=t.micro_batch_size,
@@ -827,6 +1082,7 @@ def _take_step(run: _Run, progress: _Progress, lr: float) -> None:
         device=run.dist_info.device,
         autocast=run.autocast,
         spikes=run.spikes,
+        skip_spikes=t.skip_spikes,
     )
     progress.step += 1
     progress.tokens_seen += progress.last.tokens
@@ -837,6 +1093,12 @@ def _take_step(run: _Run, progress: _Progress, lr: float) -> None:
             f"step {progress.step}: loss {progress.last.loss:.4f} is a spike; "
             f"update skipped ({progress.skipped} so far)"
         )
+        if run.spikes.skipped():
+            raise TrainingDiverged(
+                progress.step,
+                f"{run.spikes.consecutive_skips} steps in a row were loss spikes and skipped "
+                f"(train.max_skipped_steps = {t.max_skipped_steps}): the model does not recover",
+            )
 
 
 def _tokens_per_second(tokens: int, since: float, device: torch.device) -> float:

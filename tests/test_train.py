@@ -6,6 +6,7 @@ accumulation and one without give the same losses (two ranks: test_train_distrib
 
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 import sys
@@ -157,15 +158,31 @@ def test_cuda_without_a_gpu_says_so(tiny_dataset, tmp_path):
 def test_divergence_stops_naming_the_step_and_never_checkpoints_it(
     tiny_dataset, tmp_path, async_save
 ):
+    """The first update blows the model up; its own loss was fine, so the check before saving
+    it is what stops the run: nothing is written."""
     cfg = _cfg(tiny_dataset, ("train.lr", "1e30"), ("train.warmup_steps", "0"),
                ("train.grad_clip", "0"), ("checkpoint.every", "1"),
                ("checkpoint.async_save", async_save))  # fmt: skip
-    with pytest.raises(UserError, match=r"diverged at step (\d+)") as info:
+    with pytest.raises(UserError, match=r"diverged at step 1: after its update.*stopped before "
+                       r"saving it\. No checkpoint was saved"):  # fmt: skip
         train(cfg, tmp_path / "run")
-    bad_step = int(info.value.args[0].split("step ")[1].split(":")[0])
-    assert bad_step >= 2
-    latest = (tmp_path / "run" / "checkpoints" / "latest").read_text().strip()
-    assert latest == f"step-{bad_step - 1:06d}"
+    assert not (tmp_path / "run" / "checkpoints" / "latest").exists()
+    status = json.loads((tmp_path / "run" / "status.json").read_text())
+    assert status["state"] == "diverged" and status["step"] == 1 and status["checkpoint"] is None
+
+
+def test_guard_has_no_warm_up_and_bounds_loss_and_grad_norm():
+    guard = SpikeDetector(6.0, loss_bound=2 * math.log(512), grad_factor=1000.0)
+    assert guard.divergence(6.3, 1.0) is None  # a fresh model: about ln(512)
+    assert "above train.diverge_loss_factor" in guard.divergence(13.0, 1.0)  # at the first step
+    assert "grad norm nan" in guard.divergence(6.0, float("nan"))
+    guard.update(6.3, 0.5)
+    assert guard.divergence(6.0, 400.0) is None
+    assert "train.diverge_grad_factor" in guard.divergence(6.0, 600.0)  # 1000 x 0.5
+    assert "train.diverge_grad_factor" in guard.divergence(6.0, 0.0)  # a collapsed model
+    assert not any(guard.skipped() for _ in range(4)) and guard.skipped()  # the 5th in a row
+    guard.update(6.0, 0.5)
+    assert guard.consecutive_skips == 0
 
 
 # --------------------------------------------------------------------------- real runs
@@ -245,3 +262,54 @@ def test_compiled_blocks_train_like_eager_ones(tiny_dataset, tmp_path):
     compiled = train(_cfg(tiny_dataset, ("train.compile", "true")), tmp_path / "compiled")
     assert_losses_close(losses(tmp_path / "eager"), losses(tmp_path / "compiled"), rtol=1e-5)
     assert compiled.step == eager.step
+
+
+# --------------------------------------------------------------------------- the guard, for real
+
+
+def _status(run_dir):
+    return json.loads((run_dir / "status.json").read_text())
+
+
+def _saved_steps(run_dir):
+    return sorted(int(p.name.split("-")[1]) for p in (run_dir / "checkpoints").glob("step-*"))
+
+
+def test_a_blow_up_stops_before_it_is_checkpointed_and_names_the_last_good_one(
+    tiny_dataset, tmp_path
+):
+    run = tmp_path / "run"
+    run_train(tiny_dataset, run, "--train.stop_at", "4", "--checkpoint.every", "2")
+    proc = run_train(tiny_dataset, run, "--checkpoint.resume", "auto", "--train.lr", "1e3",
+                     "--checkpoint.every", "1", check=False)  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    good = run / "checkpoints" / "step-000004"
+    line = proc.stderr.strip().splitlines()[-1]
+    assert "training diverged at step 5: after its update, loss" in line, line
+    assert f"The last good checkpoint is {good}" in line and "Traceback" not in proc.stderr
+    assert _saved_steps(run) == [2, 4]
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step-000004"
+    # Every saved checkpoint is sane: the step after it trained from it with an ordinary loss.
+    assert all(losses(run)[step + 1] < math.log(512) for step in _saved_steps(run))
+    assert _status(run) | {"step": 5, "checkpoint": str(good)} == _status(run)
+    assert _status(run)["state"] == "diverged"
+
+
+def test_a_run_that_keeps_skipping_spikes_stops_after_the_bound(tiny_dataset, tmp_path):
+    """A big learning rate damages the model; every later loss is a spike (below the
+    divergence bound), so nothing is learned and, before, the run skipped to its end."""
+    run = tmp_path / "run"
+    common = ("--train.steps", "40", "--train.skip_spikes", "true", "--eval.every", "0")
+    run_train(tiny_dataset, run, *common, "--train.stop_at", "24", "--checkpoint.every", "0")
+    proc = run_train(tiny_dataset, run, *common, "--checkpoint.resume", "auto",
+                     "--train.lr", "1", "--train.spike_threshold", "1",
+                     "--checkpoint.every", "1", check=False)  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert "5 steps in a row were loss spikes and skipped (train.max_skipped_steps = 5)" in line
+    assert proc.stdout.count("update skipped") == 5
+    newest = run / "checkpoints" / f"step-{_saved_steps(run)[-1]:06d}"
+    assert f"The last good checkpoint is {newest} " in line
+    skipped = [r["step"] for r in records(run) if r["skipped"] > 0]
+    assert skipped and _saved_steps(run)[-1] < skipped[0]  # nothing saved while skipping
+    assert _status(run)["state"] == "diverged" and _status(run)["checkpoint"] == str(newest)
