@@ -15,6 +15,11 @@ import torch
 
 PerRow = float | int | None | Sequence[float | int | None] | torch.Tensor
 
+# A temperature below this is greedy. Dividing float32 logits by a smaller one overflows to inf
+# (1e-300 is 0 in float32), and softmax of inf - inf is NaN; the distribution at such a
+# temperature is the argmax in all but exact ties anyway (vLLM uses the same bound).
+GREEDY_BELOW = 1e-5
+
 
 def _per_row(value: PerRow, batch: int, name: str, off: float) -> list[float]:
     """One number per row; ``None`` means the setting is off and becomes ``off``."""
@@ -26,13 +31,22 @@ def _per_row(value: PerRow, batch: int, name: str, off: float) -> list[float]:
     return [off if v is None else float(v) for v in values]
 
 
-def _check_settings(temperature: list[float], top_p: list[float], top_k: list[float]) -> None:
-    if any(not t >= 0 for t in temperature):
+def check_settings(temperature: float, top_p: float, top_k: float) -> None:
+    """Refuse one row's settings that cannot be sampled with (ValueError naming the setting).
+
+    ``not x >= 0`` rather than ``x < 0``, so that NaN is refused too.
+    """
+    if not temperature >= 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if any(not 0 < p <= 1 for p in top_p):
+    if not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if any(not (k >= 0 and k == int(k)) for k in top_k):
+    if not (top_k >= 0 and top_k == int(top_k)):
         raise ValueError(f"top_k must be a whole number >= 0 (0: off), got {top_k}")
+
+
+def _check_settings(temperature: list[float], top_p: list[float], top_k: list[float]) -> None:
+    for t, p, k in zip(temperature, top_p, top_k):
+        check_settings(t, p, k)
 
 
 def filter_logits(
@@ -80,10 +94,10 @@ def sample_next_token(
 ) -> torch.Tensor:
     """The next token id (B,) for each row of ``logits`` (B, V).
 
-    ``temperature`` 0 (or ``None``) is greedy: the argmax, with no random draw. Otherwise the
-    logits are divided by the temperature, filtered to the top ``top_k`` tokens (0 or ``None``:
-    all), then to the top-``top_p`` nucleus (1 or ``None``: all), and one token is drawn from
-    what is left. Bad settings raise :class:`ValueError`.
+    ``temperature`` 0 (or ``None``, or below :data:`GREEDY_BELOW`) is greedy: the argmax, with no
+    random draw. Otherwise the logits are divided by the temperature, filtered to the top
+    ``top_k`` tokens (0 or ``None``: all), then to the top-``top_p`` nucleus (1 or ``None``: all),
+    and one token is drawn from what is left. Bad settings raise :class:`ValueError`.
     """
     if logits.dim() != 2:
         raise ValueError(f"logits must be (batch, vocab), got shape {tuple(logits.shape)}")
@@ -97,7 +111,7 @@ def sample_next_token(
 
     logits = logits.float()
     tokens = logits.argmax(dim=-1)
-    rows = [i for i, t in enumerate(temperature_) if t != 0]
+    rows = [i for i, t in enumerate(temperature_) if t >= GREEDY_BELOW]
     if not rows:
         return tokens
     device = logits.device

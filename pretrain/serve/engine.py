@@ -10,6 +10,11 @@ Each step (one iteration of the engine thread):
 Finished requests leave at once. Results go to each request's ``emit`` callback, called on the
 engine thread; the HTTP server hands them to its event loop from there.
 
+A failure belongs to the request that caused it: a request whose logits are not finite, whose
+sampling or output raises, or whose prefill fails finishes with ``"error"`` and the others go on.
+A batched decode forward that raises is retried one request at a time, so only a request that
+fails alone is failed. Every request that leaves updates the load gauges.
+
 Batch invariance: a greedy or seeded request yields the same tokens alone or among any number of
 others. A row's numbers must therefore not depend on the batch it shares. Prefill runs one
 request at a time in chunks whose boundaries depend only on that request; decode runs its linear
@@ -34,7 +39,7 @@ import torch.nn.functional as F
 
 import kernels
 from kernels.decode_attention import decode_attention
-from pretrain.sampling import sample_next_token
+from pretrain.sampling import GREEDY_BELOW, check_settings, sample_next_token
 from pretrain.serve.text import IncrementalDetokenizer, StopStringFilter
 
 log = logging.getLogger("pretrain.serve")
@@ -46,6 +51,10 @@ class QueueFull(Exception):
 
 class EngineClosed(Exception):
     """The engine is draining or stopped and takes no new requests."""
+
+
+class NeverFits(Exception):
+    """More requests at once than running slots plus queue places: retrying cannot help."""
 
 
 @dataclass
@@ -100,6 +109,7 @@ class Request:
     ):
         if not prompt_ids:
             raise ValueError("a request needs at least one prompt token")
+        check_settings(params.temperature, params.top_p, params.top_k)
         self.id = next(_ids)
         self.prompt_ids = list(prompt_ids)
         self.params = params
@@ -319,8 +329,16 @@ class Engine:
     def make_request(self, prompt_ids, params: SamplingParams, emit) -> Request:
         return Request(prompt_ids, params, emit, self.tokenizer, self.eos_ids, self.device)
 
+    @property
+    def capacity(self) -> int:
+        """Requests the engine can hold at once: running slots plus queue places."""
+        return self.max_batch + self.max_queue
+
     def submit(self, requests: list[Request]) -> None:
-        """Queue requests (all or none); QueueFull when the queue cannot take them all."""
+        """Queue requests (all or none); QueueFull when the queue cannot take them all now,
+        NeverFits when it never could."""
+        if len(requests) > self.capacity:
+            raise NeverFits(f"{len(requests)} requests; at most {self.capacity} fit")
         with self._lock:
             if self._closed:
                 raise EngineClosed("the server is shutting down")
@@ -369,9 +387,11 @@ class Engine:
                     break
             try:
                 self.step()
-            except Exception as e:  # a bug must not take the server down with it
+            except Exception as e:  # a bug outside any one request's work: nobody can go on
                 log.exception("engine step failed")
                 self._fail_all(f"internal error in the engine: {e}")
+            finally:
+                self._update_gauges()
 
     # ------------------------------------------------------------------ one step
 
@@ -390,7 +410,11 @@ class Engine:
                     break  # the budget is spent; at least one chunk runs every step
                 if request.cancelled:
                     break
-                self._prefill_chunk(request, chunk)
+                try:
+                    self._prefill_chunk(request, chunk)
+                except Exception as e:
+                    self._fail(request, e)
+                    break
                 budget -= chunk
         self._drop_cancelled()
         self._update_gauges()
@@ -434,6 +458,23 @@ class Engine:
             self._sample([request], logits[:, -1])
 
     def _decode(self, requests: list[Request]) -> None:
+        try:
+            logits = self._decode_logits(requests)
+        except Exception:
+            # Which row made the batch fail is unknown: each request runs alone, and only one
+            # that fails alone is failed (an invariant batch size gives the same numbers).
+            log.exception("batched decode failed; decoding each request alone")
+            for request in requests:
+                try:
+                    logits = self._decode_logits([request])
+                except Exception as e:
+                    self._fail(request, e)
+                else:
+                    self._sample([request], logits)
+            return
+        self._sample(requests, logits)
+
+    def _decode_logits(self, requests: list[Request]) -> torch.Tensor:
         n = len(requests)
         size = self.decode_batch_size(n)
         scratch = self.cache.scratch
@@ -444,10 +485,9 @@ class Engine:
             tokens[i] = r.output_ids[-1]
             positions[i] = r.next_position
             slots[i] = r.slot
-        logits = self.decode_forward(
+        return self.decode_forward(
             tokens.to(self.device), positions.to(self.device), slots.to(self.device), rows=n
         )
-        self._sample(requests, logits)
 
     def decode_batch_size(self, n: int) -> int:
         """Rows of the padded decode batch for n requests: the smallest invariant size >= n."""
@@ -487,15 +527,28 @@ class Engine:
     # ------------------------------------------------------------------ sampling and output
 
     def _sample(self, requests: list[Request], logits: torch.Tensor) -> None:
+        """One token for each request from its row of ``logits``; a row that cannot be sampled
+        fails its own request only."""
+        finite = torch.isfinite(logits).all(dim=-1).tolist()
+        keep = []
+        for i, (request, ok) in enumerate(zip(requests, finite)):
+            if ok:
+                keep.append(i)
+            else:
+                self._fail(
+                    request, "the model's output for this request is not finite (NaN or inf)"
+                )
+        if len(keep) < len(requests):
+            requests, logits = [requests[i] for i in keep], logits[keep]
+        if not requests:
+            return
+        tokens = self._draw(requests, logits)
         p = [r.params for r in requests]
-        tokens = sample_next_token(
-            logits,
-            temperature=[x.temperature for x in p],
-            top_p=[x.top_p for x in p],
-            top_k=[x.top_k for x in p],
-            generator=[r.generator for r in requests],
-        ).tolist()
-        want_logprobs = [i for i, r in enumerate(requests) if r.params.logprobs is not None]
+        want_logprobs = [
+            i
+            for i, (r, t) in enumerate(zip(requests, tokens))
+            if r.params.logprobs is not None and t is not None
+        ]
         logprobs = {}
         if want_logprobs:
             lp = torch.log_softmax(logits[want_logprobs].float(), dim=-1)
@@ -503,7 +556,51 @@ class Engine:
                 logprobs[i] = _token_logprobs(lp[j : j + 1], [tokens[i]], p[i].logprobs)[0]
         now = time.perf_counter()
         for i, (request, token) in enumerate(zip(requests, tokens)):
-            self._append(request, token, logprobs.get(i), now)
+            if token is None:
+                continue
+            try:
+                self._append(request, token, logprobs.get(i), now)
+            except Exception as e:
+                self._fail(request, e)
+
+    def _draw(self, requests: list[Request], logits: torch.Tensor) -> list[int | None]:
+        """Tokens for the rows, all in one call; if that raises, row by row (None: that row
+        failed, and its request with it).
+
+        Seeded rows get their generator's state back before the retry, so a row that did draw
+        before the failure draws the very same number again.
+        """
+        seeded = [
+            r.generator.get_state()
+            if r.params.seed is not None and r.params.temperature >= GREEDY_BELOW
+            else None
+            for r in requests
+        ]
+        try:
+            return self._sample_rows(requests, logits)
+        except Exception:
+            log.exception("batched sampling failed; sampling each request alone")
+        tokens: list[int | None] = []
+        for i, (request, state) in enumerate(zip(requests, seeded)):
+            if state is not None:
+                request.generator.set_state(state)
+            try:
+                tokens += self._sample_rows([request], logits[i : i + 1])
+            except Exception as e:
+                self._fail(request, e)
+                tokens.append(None)
+        return tokens
+
+    @staticmethod
+    def _sample_rows(requests: list[Request], logits: torch.Tensor) -> list[int]:
+        p = [r.params for r in requests]
+        return sample_next_token(
+            logits,
+            temperature=[x.temperature for x in p],
+            top_p=[x.top_p for x in p],
+            top_k=[x.top_k for x in p],
+            generator=[r.generator for r in requests],
+        ).tolist()
 
     def _append(self, request: Request, token: int, logprob, now: float) -> None:
         if self.metrics is not None:
@@ -554,7 +651,17 @@ class Engine:
         out.finish_reason = reason
         if self.metrics is not None:
             self.metrics.observe_finished(request, reason)
+        self._update_gauges()
         request.emit(request, out)
+
+    def _fail(self, request: Request, error: Exception | str) -> None:
+        """End one request with an error; the others are not touched."""
+        if isinstance(error, Exception):
+            log.error("request %d failed", request.id, exc_info=error)
+            error = f"internal error while generating: {type(error).__name__}: {error}"
+        else:
+            log.error("request %d failed: %s", request.id, error)
+        self._finish(request, "error", last=StepOutput([], "", [], error=error), flush=False)
 
     def _fail_all(self, message: str) -> None:
         with self._lock:
