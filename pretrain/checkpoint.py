@@ -236,7 +236,8 @@ class SafeLoadPlanner(DefaultLoadPlanner):
         except Exception as e:
             raise UserError(
                 f"entry '{read_item.dest_index.fqn}' is not plain data "
-                f"({str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__})"
+                f"({str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__}); "
+                "refused"
             ) from None
         if self.flatten_state_dict:
             set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
@@ -523,6 +524,14 @@ def _space_problem(e: BaseException) -> str | None:
     return None
 
 
+def _file_size_limit() -> float:
+    """The soft RLIMIT_FSIZE of this process in bytes (inf when unlimited)."""
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    return float("inf") if soft == resource.RLIM_INFINITY else float(soft)
+
+
 def _mb(n: int | None) -> str:
     return "? MB" if n is None else f"{n / 1e6:.1f} MB"
 
@@ -654,9 +663,12 @@ class Checkpointer:
                 if dist.is_initialized() and self._async_group is None:
                     # Background collectives need their own group, apart from training's.
                     self._async_group = dist.new_group(backend="gloo")
-                future = dcp.async_save(
-                    state, checkpoint_id=str(tmp), process_group=self._async_group
-                )
+                if not dist.is_initialized():  # the write runs in a thread, after this call
+                    warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+                with _quiet_single_process():
+                    future = dcp.async_save(
+                        state, checkpoint_id=str(tmp), process_group=self._async_group
+                    )
                 self._pending = (future, tmp, final, need)
                 return final
             with _quiet_single_process():
@@ -679,6 +691,8 @@ class Checkpointer:
         problem = _space_problem(e)
         if problem is None and free is not None and free < need:
             problem = "no space left on device"
+        if problem is None and need > _file_size_limit():  # torch's writer drops the errno
+            problem = "no space left on device for it: a file hit the file size limit (ulimit -f)"
         os_error = next((x for x in _exception_chain(e) if isinstance(x, OSError)), None)
         if problem is None and os_error is None:
             raise e
