@@ -30,7 +30,7 @@ from kernels._backend import use_triton
 # Rows up to this many features are one block in registers; wider rows loop over WIDE_BLOCK-feature
 # blocks. These are read at call time, so tests can shrink them to reach the looped path.
 MAX_ONE_BLOCK = 8192
-WIDE_BLOCK, WIDE_NUM_WARPS = 4096, 8
+WIDE_BLOCK, WIDE_NUM_WARPS = 2048, 8  # backward: 76-93 registers (4096-wide blocks: 167-178)
 MIN_BLOCK = 128
 _DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
