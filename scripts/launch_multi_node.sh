@@ -11,6 +11,9 @@
 #   MASTER_PORT   a free TCP port on it (default 29500)
 #   NPROC         processes per node (default: its GPU count)
 #   RDZV_ID       a name shared by the nodes of one job (default: pretrain-$OUT)
+# SIGTERM, SIGUSR1 or Ctrl-C to this script is passed to this node's training processes, which
+# save (with the other nodes' ranks, which stop at the same step) and exit 0; OUT/status.json
+# then says "preempted". Signal this script, not torchrun (see scripts/forward_signals.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ $# -lt 3 ] || [ -z "${NNODES:-}" ] || [ -z "${MASTER_ADDR:-}" ]; then
@@ -23,8 +26,9 @@ PY="${VENV:-.venv}/bin/python"
 if [ -z "${NPROC:-}" ]; then
   NPROC=$("$PY" -c "import torch; print(torch.cuda.device_count() or 1)")
 fi
+source scripts/forward_signals.sh
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-exec "$PY" -m torch.distributed.run \
+run_torchrun "$PY" -m torch.distributed.run \
   --nnodes="$NNODES" --nproc_per_node="$NPROC" \
   --rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:${MASTER_PORT:-29500}" \
   --rdzv-id="${RDZV_ID:-pretrain-$(basename "$OUT")}" \

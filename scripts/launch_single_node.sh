@@ -6,6 +6,10 @@
 #
 # NPROC defaults to the number of visible GPUs (1 process per GPU), or 2 on a CPU-only machine.
 # Rerunning the same command after a crash or a preemption continues from the latest checkpoint.
+#
+# SIGTERM, SIGUSR1 or Ctrl-C to this script is passed to the training processes: they save and
+# exit 0 and OUT/status.json says "preempted" (a finished run: "finished"). Signal this script,
+# not torchrun (see scripts/forward_signals.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ $# -lt 3 ]; then
@@ -18,7 +22,8 @@ PY="${VENV:-.venv}/bin/python"
 if [ -z "${NPROC:-}" ]; then
   NPROC=$("$PY" -c "import torch; print(torch.cuda.device_count() or 2)")
 fi
+source scripts/forward_signals.sh
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-exec "$PY" -m torch.distributed.run --standalone --nproc_per_node="$NPROC" \
+run_torchrun "$PY" -m torch.distributed.run --standalone --nproc_per_node="$NPROC" \
   -m pretrain.train --config "$CONFIG" --data "$DATA" --out "$OUT" \
   --checkpoint.resume auto "$@"
