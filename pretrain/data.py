@@ -1,16 +1,19 @@
 """Tokenized data: ``pretrain prepare`` writes checksummed token shards, ``TokenLoader`` reads them.
 
 Prepare (raw text -> ``data/NAME/``):
-    1. Read documents: local text files with plain Python (one file = one document), JSON/JSONL/
-       Parquet/CSV files (one row = one document, the ``--text-field`` column) or a Hub dataset
-       with Hugging Face ``datasets``. Local files are streamed, so a corpus larger than memory is
+    1. Read documents: local text files (one file = one document) and JSON/JSONL files (one row
+       = one document, the ``--text-field`` field; a row without it is refused, naming its line)
+       with plain Python, Parquet/CSV files (one row = one document) or a Hub dataset with
+       Hugging Face ``datasets``. Local files are streamed, so a corpus larger than memory is
        fine; with no input the corpus is the running interpreter's own standard library (``*.py``
        files), which needs nothing beyond ``tokenizers``.
     2. Split documents into train/val by a hash of their text: deterministic, and a document (or
        any copy of it) is never in both splits.
     3. Train a byte-level BPE tokenizer on the train split (or load ``--tokenizer``).
     4. Tokenize in batches (in parallel), append an end-of-text token to every document, and
-       write shards. Everything goes to a temporary directory renamed into place at the end, so
+       write shards. A document longer than ``PIECE_CHARS`` is trained on and tokenized in
+       pieces cut where a pre-token starts anyway, so memory stays bounded and the ids do not
+       change. Everything goes to a temporary directory renamed into place at the end, so
        a crash never leaves something that looks complete.
 
 Shard file (little-endian), ``{split}-{index:05d}.bin``::
@@ -20,9 +23,9 @@ Shard file (little-endian), ``{split}-{index:05d}.bin``::
     tokens  N items    uint16 when the vocabulary fits, else uint32; zero-padded to 8 bytes
     starts  D+1 u64    token offset of each document in the shard, then N
 
-``manifest.json`` records, per shard, its split, token/document/UTF-8 byte counts and a
-checksum of the whole file (``"ALGORITHM:HEX"``), which the loader verifies before it reads a
-token. The algorithm (``checksum_algorithm`` in the manifest) also decides the train/val split:
+``manifest.json`` records, per shard, its split, token/document/UTF-8 byte counts, its largest
+token id and a checksum of the whole file (``"ALGORITHM:HEX"``), which the loader verifies before
+it reads a token, together with the tokenizer's SHA-256 and every id being below ``vocab_size``. The algorithm (``checksum_algorithm`` in the manifest) also decides the train/val split:
 xxh3-64 when ``xxhash`` is installed, else BLAKE2b-64 from the standard library.
 
 Loading: a split is one concatenated token sequence cut into windows of ``seq_len + 1`` tokens
@@ -53,6 +56,7 @@ import struct
 import sys
 import sysconfig
 import time
+import unicodedata
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -84,6 +88,7 @@ DEFAULT_VAL_FRACTION = 0.02
 DEFAULT_SHARD_TOKENS = 100_000_000
 TOKENIZER_TRAIN_BYTES = 1 << 30  # a tokenizer learns its merges from at most this much text
 BATCH_TEXT_CHARS = 1 << 20  # documents are tokenized in batches of about this many characters
+PIECE_CHARS = 1 << 16  # a longer document is tokenized in pieces of about this many characters
 CHECKSUM = "xxh3_64"  # preferred: several GB/s, needs the xxhash package
 FALLBACK_CHECKSUM = "blake2b_64"  # standard library (hashlib), about 1 GB/s
 CHECKSUMS = (CHECKSUM, FALLBACK_CHECKSUM)
@@ -241,7 +246,7 @@ def _repair_utf8(path: str, out_dir: Path) -> str:
     return str(target)
 
 
-def _read_text_files(source: Source) -> Iterator[dict[str, str]]:
+def _read_text_files(source: Source) -> Iterator[tuple[str, dict[str, str]]]:
     """One row per file: its whole text, compressed files decompressed.
 
     Bad bytes become U+FFFD (counted later), never a crash, and newlines are universal
@@ -250,41 +255,105 @@ def _read_text_files(source: Source) -> Iterator[dict[str, str]]:
     for path in source.files:
         opener = _COMPRESSED.get(Path(path).suffix, open)
         with opener(path, "rt", encoding="utf-8", errors="replace") as f:
-            yield {TEXT_FIELD: f.read()}
+            yield path, {TEXT_FIELD: f.read()}
 
 
-def _load(source: Source, streaming: bool, scratch: Path):
-    """The rows (an iterable of dicts) of one source."""
+def _read_json_files(source: Source) -> Iterator[tuple[str, Any]]:
+    """``(where, row)`` for every row of JSON-lines files (or a ``.json`` holding one array).
+
+    Read with plain Python rather than ``datasets``, for two reasons: a row is named by its file
+    and line in every message, and a row that lacks the text field stays distinguishable from
+    one whose text is ``null`` (a table would fill the gap with null). Bad bytes become U+FFFD,
+    as in text files.
+    """
+    for path in source.files:
+        opener = _COMPRESSED.get(Path(path).suffix, open)
+        with opener(path, "rt", encoding="utf-8", errors="replace") as f:
+            head = f.read(4096).lstrip()
+        with opener(path, "rt", encoding="utf-8", errors="replace") as f:
+            if head.startswith("["):  # one JSON array of rows
+                try:
+                    rows = json.load(f)
+                except ValueError as e:
+                    raise UserError(f"{path} is not valid JSON ({_one_line(e)})") from None
+                for index, row in enumerate(rows):
+                    yield f"{path} row {index + 1}", row
+                continue
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except ValueError as e:
+                    raise UserError(
+                        f"{path} line {number} is not valid JSON ({_one_line(e)}); fix or remove it"
+                    ) from None
+                yield f"{path} line {number}", row
+
+
+def _load(source: Source, streaming: bool, scratch: Path) -> Iterator[tuple[str, Any]]:
+    """``(where, row)`` for every row of one source; ``where`` names the row in messages."""
     if source.builder == "text":
         return _read_text_files(source)
+    if source.builder == "json":
+        return _read_json_files(source)
     try:
         import datasets
     except ImportError:
         raise UserError(
             f"reading --input {source.label} ({source.builder}) needs the datasets package: "
-            "pip install datasets (plain text files need only tokenizers)"
+            "pip install datasets (text and JSON files need only tokenizers)"
         ) from None
     try:
         if source.builder == "hub":
-            return datasets.load_dataset(
+            dataset = datasets.load_dataset(
                 source.hub_id, source.hub_config, split="train", streaming=streaming
             )
-        files = source.files
-        if source.builder in ("json", "csv"):
-            files = [f if _is_utf8(f) else _repair_utf8(f, scratch / "repaired") for f in files]
-        return datasets.load_dataset(
-            source.builder, data_files=files, split="train", streaming=True
-        )
+        else:
+            files = source.files
+            if source.builder == "csv":
+                files = [f if _is_utf8(f) else _repair_utf8(f, scratch / "repaired") for f in files]
+            dataset = datasets.load_dataset(
+                source.builder, data_files=files, split="train", streaming=True
+            )
     except UserError:
         raise
     except Exception as e:
         what = "the Hugging Face dataset" if source.builder == "hub" else "--input"
         raise UserError(f"could not load {what} {source.label}: {_one_line(e)}") from None
+    return ((f"--input {source.label} row {i + 1}", row) for i, row in enumerate(dataset))
 
 
 def _one_line(e: BaseException) -> str:
     text = " ".join(str(e).split())
     return f"{type(e).__name__}: {text[:300]}"
+
+
+def _row_text(row: Any, field_name: str, where: str) -> str:
+    """The text of one row; a row without the field, or with a non-text value, is refused.
+
+    A missing field is a schema error, not an empty document: counting it as empty would hide
+    a corpus whose rows mostly lack the field. An explicit ``null`` is an empty document.
+    """
+    if not isinstance(row, dict):
+        raise UserError(
+            f"{where} is a JSON {type(row).__name__}, not an object with a '{field_name}' field"
+        )
+    if field_name not in row:
+        fields = ", ".join(sorted(row)) or "none"
+        raise UserError(
+            f"{where} has no field '{field_name}' (fields: {fields}); every row needs it: fix "
+            "the row, or choose the field with --text-field"
+        )
+    text = row[field_name]
+    if text is None:
+        return ""
+    if not isinstance(text, str):
+        raise UserError(
+            f"{where}: field '{field_name}' holds {type(text).__name__}, not text; choose a "
+            "text column with --text-field"
+        )
+    return text
 
 
 def iter_documents(
@@ -293,33 +362,17 @@ def iter_documents(
     """Every document's text, source after source, in a deterministic order."""
     for source in sources:
         field_name = TEXT_FIELD if source.builder == "text" else text_field
-        dataset = _load(source, streaming, scratch)
-        rows = iter(dataset)
-        checked = False
+        rows = iter(_load(source, streaming, scratch))
         while True:
             try:
-                row = next(rows)
+                where, row = next(rows)
             except StopIteration:
                 break
+            except UserError:
+                raise
             except Exception as e:
                 raise UserError(f"could not read --input {source.label}: {_one_line(e)}") from None
-            if not checked:
-                if field_name not in row:
-                    fields = ", ".join(sorted(row)) or "none"
-                    raise UserError(
-                        f"--input {source.label} has no field '{field_name}' (fields: {fields}); "
-                        "choose one with --text-field"
-                    )
-                checked = True
-            text = row[field_name]
-            if text is None:
-                text = ""
-            if not isinstance(text, str):
-                raise UserError(
-                    f"--input {source.label}: field '{field_name}' holds {type(text).__name__}, "
-                    "not text; choose a text column with --text-field"
-                )
-            yield text
+            yield _row_text(row, field_name, where)
 
 
 def is_val_document(text_bytes: bytes, val_fraction: float, algorithm: str = CHECKSUM) -> bool:
@@ -332,7 +385,81 @@ def is_val_document(text_bytes: bytes, val_fraction: float, algorithm: str = CHE
 # ---------------------------------------------------------------------------------------------
 # Tokenizing: batches of documents, in this process (the tokenizer's own threads) or a pool.
 
-_WORKER_TOKENIZER = None
+_WORKER: tuple | None = None  # (tokenizer, piece limit) of a tokenizer worker process
+
+
+def _is_letter_or_number(char: str) -> bool:
+    return unicodedata.category(char)[0] in "LN"
+
+
+def _starts_pretoken(text: str, i: int) -> bool:
+    """Whether the byte-level pre-tokenizer always starts a new pre-token at ``text[i]``.
+
+    Its pattern (GPT-2's) matches letters, numbers, other symbols and whitespace in separate
+    runs, a space attaching only to the run after it, and nothing in it looks backwards. So
+    after a letter or number, a space, a punctuation mark or symbol, or a switch between letters
+    and numbers begins a new pre-token whatever came before: text cut there pre-tokenizes, and
+    therefore encodes, exactly as the whole.
+    """
+    prev, cur = unicodedata.category(text[i - 1])[0], unicodedata.category(text[i])[0]
+    if prev not in "LN":
+        return False
+    return text[i] == " " or cur in "PS" or (cur in "LN" and cur != prev)
+
+
+def _piece_end(text: str, lo: int, hi: int) -> int:
+    """The last cut in ``(lo, hi]`` where a pre-token starts (spaces first), else ``hi``.
+
+    ``hi`` itself (a cut inside a pre-token) is the fallback only for a run of ``hi - lo``
+    characters without any boundary, which no natural text has.
+    """
+    i = hi + 1
+    while (i := text.rfind(" ", lo + 1, i)) > lo:
+        if _is_letter_or_number(text[i - 1]):
+            return i
+    for i in range(hi, lo, -1):
+        if _starts_pretoken(text, i):
+            return i
+    return hi
+
+
+def split_long_text(text: str, limit: int = PIECE_CHARS) -> list[str]:
+    """``text`` in pieces of at most ``limit`` characters, cut where a pre-token starts anyway.
+
+    The tokenizer's memory grows with the text it is handed at once (about 200 bytes per
+    character of a single 50 MB line), so a long document is trained on and encoded piece by
+    piece; cut at pre-token boundaries (:func:`_starts_pretoken`), the pieces' ids joined are
+    the ids of the whole. A text of at most ``limit`` characters is returned as it is, so the
+    tokens of ordinary documents never depend on this.
+    """
+    if len(text) <= limit:
+        return [text]
+    pieces, start = [], 0
+    while len(text) - start > limit:
+        end = _piece_end(text, start + limit // 2, start + limit)
+        pieces.append(text[start:end])
+        start = end
+    pieces.append(text[start:])
+    return pieces
+
+
+def piece_limit(tokenizer_json: str) -> int | None:
+    """:data:`PIECE_CHARS` for a tokenizer that long documents may be split for, else None.
+
+    That is a byte-level BPE that pre-tokenizes with GPT-2's pattern, without a normalizer or
+    a prefix space, and whose added tokens are all special (they are encoded as plain text):
+    what ``pretrain prepare`` trains. Another tokenizer gets its documents whole.
+    """
+    spec = json.loads(tokenizer_json)
+    pre = spec.get("pre_tokenizer") or {}
+    ok = (
+        spec.get("normalizer") is None
+        and pre.get("type") == "ByteLevel"
+        and pre.get("use_regex", True)
+        and pre.get("add_prefix_space") is False
+        and all(t.get("special") for t in spec.get("added_tokens", []))
+    )
+    return PIECE_CHARS if ok else None
 
 
 def _make_encoder(tokenizer_json: str):
@@ -348,26 +475,46 @@ def _make_encoder(tokenizer_json: str):
     return tokenizer
 
 
-def _encode_documents(tokenizer, texts: list[str], eos_id: int, dtype) -> tuple[np.ndarray, list]:
-    """All documents' ids with an EOS after each, as one flat array, and each document's length."""
-    encodings = tokenizer.encode_batch_fast(texts, add_special_tokens=False)
-    lengths = [len(e.ids) + 1 for e in encodings]
+def _encode_documents(
+    tokenizer, texts: list[str], eos_id: int, dtype, limit: int | None = None
+) -> tuple[np.ndarray, list]:
+    """All documents' ids with an EOS after each, as one flat array, and each document's length.
+
+    With a ``limit``, documents longer than it are encoded in pieces (:func:`split_long_text`),
+    and the tokenizer is handed at most about :data:`BATCH_TEXT_CHARS` characters at once.
+    """
+    pieces: list[str] = []
+    owners: list[int] = []
+    for doc, text in enumerate(texts):
+        parts = [text] if limit is None else split_long_text(text, limit)
+        pieces += parts
+        owners += [doc] * len(parts)
+    ids: list[np.ndarray] = []
+    for group in _batches(pieces, BATCH_TEXT_CHARS if limit is not None else 1 << 62):
+        for e in tokenizer.encode_batch_fast(group, add_special_tokens=False):
+            ids.append(np.asarray(e.ids, dtype=dtype))
+    lengths = [1] * len(texts)  # the EOS
+    for doc, piece_ids in zip(owners, ids):
+        lengths[doc] += len(piece_ids)
     flat = np.empty(sum(lengths), dtype=dtype)
     pos = 0
-    for e, n in zip(encodings, lengths):
-        flat[pos : pos + n - 1] = e.ids
-        flat[pos + n - 1] = eos_id
-        pos += n
+    for i, (doc, piece_ids) in enumerate(zip(owners, ids)):
+        flat[pos : pos + len(piece_ids)] = piece_ids
+        pos += len(piece_ids)
+        if i + 1 == len(owners) or owners[i + 1] != doc:
+            flat[pos] = eos_id
+            pos += 1
     return flat, lengths
 
 
 def _init_worker(tokenizer_json: str) -> None:
-    global _WORKER_TOKENIZER
-    _WORKER_TOKENIZER = _make_encoder(tokenizer_json)
+    global _WORKER
+    _WORKER = (_make_encoder(tokenizer_json), piece_limit(tokenizer_json))
 
 
 def _encode_in_worker(texts: list[str], eos_id: int, dtype) -> tuple[np.ndarray, list]:
-    return _encode_documents(_WORKER_TOKENIZER, texts, eos_id, dtype)
+    tokenizer, limit = _WORKER
+    return _encode_documents(tokenizer, texts, eos_id, dtype, limit)
 
 
 def _batches(texts: Iterable[str], max_chars: int = BATCH_TEXT_CHARS) -> Iterator[list[str]]:
@@ -400,9 +547,9 @@ def tokenize_batches(
     the thread pool waits for the longest document of every batch.
     """
     if num_proc == 1:
-        tokenizer = _make_encoder(tokenizer_json)
+        tokenizer, limit = _make_encoder(tokenizer_json), piece_limit(tokenizer_json)
         for texts in batches:
-            yield (texts, *_encode_documents(tokenizer, texts, eos_id, dtype))
+            yield (texts, *_encode_documents(tokenizer, texts, eos_id, dtype, limit))
         return
     previous = os.environ.get("TOKENIZERS_PARALLELISM")
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker; no fork warning
@@ -509,6 +656,8 @@ class ShardWriter:
         if self._file is None:
             self._open_next()
         self._starts.append(self._num_tokens)
+        if len(tokens):
+            self._max_id = max(self._max_id, int(tokens.max()))
         self._file.write(tokens.tobytes())
         self._num_tokens += len(tokens)
         self._num_bytes += num_bytes
@@ -526,6 +675,7 @@ class ShardWriter:
         self._file.write(bytes(SHARD_HEADER.size))
         self._starts: list[int] = []
         self._num_tokens = self._num_bytes = 0
+        self._max_id = -1
 
     def _finish(self) -> None:
         f, num_docs = self._file, len(self._starts)
@@ -547,6 +697,7 @@ class ShardWriter:
                 "num_tokens": self._num_tokens,
                 "num_docs": num_docs,
                 "num_bytes": self._num_bytes,
+                "max_token_id": self._max_id,
                 "checksum": file_checksum(path, self.checksum),
             }
         )
@@ -589,6 +740,7 @@ class ShardInfo:
     num_bytes: int
     checksum: str
     path: Path
+    max_token_id: int | None = None  # recorded at prepare time (manifests before it: None)
 
 
 @dataclass
@@ -652,6 +804,7 @@ def load_manifest(data_dir: str | Path) -> Manifest:
                 num_bytes=int(s["num_bytes"]),
                 checksum=s["checksum"],
                 path=data_dir / s["file"],
+                max_token_id=None if s.get("max_token_id") is None else int(s["max_token_id"]),
             )
             for s in raw["shards"]
         ]
@@ -675,7 +828,36 @@ def load_manifest(data_dir: str | Path) -> Manifest:
         ) from None
     if not manifest.tokenizer_path.is_file():
         raise UserError(f"{manifest.tokenizer_path} not found (named by {path})")
+    verify_tokenizer(manifest)
     return manifest
+
+
+_TOKENIZER_HASHES: dict[tuple, str] = {}  # file identity -> sha256 of a tokenizer.json
+
+
+def _file_identity(path: Path) -> tuple:
+    """What tells a file from a changed one without reading it: path, size, times, inode."""
+    stat = path.stat()
+    return (str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino)
+
+
+def verify_tokenizer(manifest: Manifest) -> None:
+    """Refuse a ``tokenizer.json`` that is not the one the shards were made with.
+
+    The trainer copies the data's tokenizer into every checkpoint and export, so a swapped one
+    would silently pair the model with the wrong vocabulary. Hashed once per file per process.
+    """
+    path = manifest.tokenizer_path
+    key = _file_identity(path)
+    if key not in _TOKENIZER_HASHES:
+        _TOKENIZER_HASHES[key] = hashlib.sha256(path.read_bytes()).hexdigest()
+    actual = _TOKENIZER_HASHES[key]
+    if actual != manifest.tokenizer_sha256:
+        raise UserError(
+            f"{path} has sha256 {actual}, but {manifest.data_dir / MANIFEST_FILE} records "
+            f"tokenizer_sha256 {manifest.tokenizer_sha256}: it is not the tokenizer the shards "
+            "were made with; restore that tokenizer.json, or re-run pretrain prepare --overwrite"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -769,13 +951,17 @@ def _train_split_texts(
     val_fraction: float,
     checksum: str,
 ) -> Iterator[str]:
-    """The train split's non-empty documents, up to TOKENIZER_TRAIN_BYTES of them."""
+    """The train split's non-empty documents, up to TOKENIZER_TRAIN_BYTES of them.
+
+    A long document comes in pieces (:func:`split_long_text`): the trainer counts pre-tokens,
+    which the pieces hold exactly as the whole does, at a fraction of the memory.
+    """
     seen = 0
     for text in iter_documents(sources, text_field, streaming, scratch):
         data = text.encode()
         if not data or is_val_document(data, val_fraction, checksum):
             continue
-        yield text
+        yield from split_long_text(text)
         seen += len(data)
         if seen >= TOKENIZER_TRAIN_BYTES:
             return
@@ -1048,38 +1234,75 @@ class Batch:
     doc_ids: torch.Tensor | None = None
 
 
-_VERIFIED: dict[tuple, str] = {}  # (path, size, mtime, ctime, inode) -> checksum already checked
+_VERIFIED: dict[tuple, tuple[str, int]] = {}  # file identity -> (checksum, largest token id)
 
 
-def verify_shard(shard: ShardInfo, itemsize: int) -> None:
-    """Refuse a shard whose size, header or checksum disagrees with the manifest.
+def scan_shard(path: Path, algorithm: str, num_tokens: int, itemsize: int) -> tuple[str, int]:
+    """The shard file's checksum and its largest token id (-1 if none), in one read of the file.
 
-    The checksum (a 64-bit hash of the file, its algorithm named by the checksum's prefix) is
-    computed once per file per process: a fresh loader for every evaluation does not re-read the
-    data unless the file changed.
+    The maximum comes from the bytes the checksum reads anyway (NumPy over each chunk's token
+    region), so checking ids against the vocabulary costs next to nothing.
+    """
+    hasher = new_hasher(algorithm)
+    dtype = np.dtype(f"<u{itemsize}")
+    begin, end = SHARD_HEADER.size, SHARD_HEADER.size + num_tokens * itemsize
+    largest, pos = -1, 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):  # 16 MiB: a multiple of the item size, as is `begin`
+            hasher.update(chunk)
+            a, b = max(begin - pos, 0), min(end - pos, len(chunk))
+            if a < b:
+                ids = np.frombuffer(chunk, dtype, count=(b - a) // itemsize, offset=a)
+                largest = max(largest, int(ids.max()))
+            pos += len(chunk)
+    return f"{algorithm}:{hasher.hexdigest()}", largest
+
+
+def verify_shard(shard: ShardInfo, itemsize: int, vocab_size: int | None = None) -> None:
+    """Refuse a shard whose size, header or checksum disagrees with the manifest, or that holds
+    a token id of ``vocab_size`` or more.
+
+    The checksum (a 64-bit hash of the file, its algorithm named by the checksum's prefix) and
+    the largest id are computed once per file per process: a fresh loader for every evaluation
+    does not re-read the data unless the file changed. The id check does not trust the
+    manifest's ``max_token_id``: an id past the embedding table would otherwise fail deep in
+    training (on a GPU, as a device-side assert).
     """
     path = shard.path
     if not path.is_file():
         raise UserError(f"shard {path} listed in {MANIFEST_FILE} is missing")
-    stat = path.stat()
+    key = _file_identity(path)
     expected = shard_file_size(shard.num_tokens, shard.num_docs, itemsize)
-    if stat.st_size != expected:
+    if key[1] != expected:
         raise UserError(
-            f"shard {path} is {stat.st_size} bytes, expected {expected} from {MANIFEST_FILE}: "
+            f"shard {path} is {key[1]} bytes, expected {expected} from {MANIFEST_FILE}: "
             "truncated or altered after writing; re-run pretrain prepare"
         )
-    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino)
-    if _VERIFIED.get(key) != shard.checksum:
+    cached = _VERIFIED.get(key)
+    if cached is None or cached[0] != shard.checksum:
+        algorithm = checksum_algorithm(shard.checksum)
         try:
-            actual = file_checksum(path, checksum_algorithm(shard.checksum))
+            cached = scan_shard(path, algorithm, shard.num_tokens, itemsize)
         except UserError as e:
             raise UserError(f"shard {path}: {e}") from None
-        if actual != shard.checksum:
+        if cached[0] != shard.checksum:
             raise UserError(
-                f"shard {path} has checksum {actual}, expected {shard.checksum} from "
+                f"shard {path} has checksum {cached[0]}, expected {shard.checksum} from "
                 f"{MANIFEST_FILE}: altered after writing; re-run pretrain prepare"
             )
-        _VERIFIED[key] = actual
+        _VERIFIED[key] = cached
+    largest = cached[1]
+    if shard.max_token_id is not None and shard.max_token_id != largest:
+        raise UserError(
+            f"shard {path} holds ids up to {largest}, but {MANIFEST_FILE} records max_token_id "
+            f"{shard.max_token_id}: the manifest was altered; re-run pretrain prepare"
+        )
+    if vocab_size is not None and largest >= vocab_size:
+        raise UserError(
+            f"shard {path} holds token id {largest}, but {MANIFEST_FILE} gives vocab_size "
+            f"{vocab_size} (ids must be below it): the manifest was edited or the shards come "
+            "from another tokenizer; re-run pretrain prepare"
+        )
     tokens, starts = read_shard(path)
     if len(tokens) != shard.num_tokens or len(starts) != shard.num_docs + 1:
         raise UserError(f"shard {path}: header counts disagree with {MANIFEST_FILE}")
@@ -1249,7 +1472,7 @@ class TokenLoader:
             )
         itemsize = np.dtype(self.manifest.token_dtype).itemsize
         for shard in shards:
-            verify_shard(shard, itemsize)
+            verify_shard(shard, itemsize, self.manifest.vocab_size)
         stream = TokenStream(shards)
         if len(stream) < seq_len + 1:
             raise UserError(

@@ -25,7 +25,7 @@ from pretrain.data import (
     read_shard,
 )
 from pretrain.errors import UserError
-from pretrain.tokenizer import EOS_TOKEN, SPECIAL_TOKENS, load_tokenizer
+from pretrain.tokenizer import EOS_TOKEN, SPECIAL_TOKENS, load_tokenizer, train_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 QUIET = {"log": lambda *a: None}
@@ -466,3 +466,250 @@ def test_without_xxhash_datasets_fall_back_and_xxh3_ones_ask_for_it(tmp_path, sh
     shutil.copytree(sharded, fresh)
     with pytest.raises(UserError, match=r"train-00000.bin: xxh3_64 checksums need the xxhash "):
         TokenLoader(fresh, seq_len=8, batch_size=2)
+
+
+# --- what verification refuses: a swapped tokenizer, ids past the vocabulary --------------------
+
+
+def copy_dataset(source: Path, target: Path) -> Path:
+    shutil.copytree(source, target)
+    return target
+
+
+def edit_manifest(data: Path, **changes) -> dict:
+    manifest = json.loads((data / "manifest.json").read_text())
+    manifest.update(changes)
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    return manifest
+
+
+def largest_id(data: Path) -> int:
+    return int(max(np.asarray(read_shard(s.path)[0]).max() for s in load_manifest(data).shards))
+
+
+def test_a_tokenizer_other_than_the_manifests_is_refused(tmp_path, sharded):
+    data = copy_dataset(sharded, tmp_path / "data")
+    expected = load_manifest(data).tokenizer_sha256
+    tok = load_tokenizer(data / "tokenizer.json")
+    tok.add_tokens(["an extra token"])  # still a valid tokenizer.json, but not the data's
+    tok.save(str(data / "tokenizer.json"))
+    for attempt in (
+        lambda: load_manifest(data),
+        lambda: TokenLoader(data, seq_len=8, batch_size=2),
+    ):
+        with pytest.raises(UserError) as e:
+            attempt()
+        message = str(e.value)
+        assert "\n" not in message and str(data / "tokenizer.json") in message
+        assert f"tokenizer_sha256 {expected}" in message
+        assert "restore" in message and "re-run pretrain prepare" in message
+    shutil.copyfile(sharded / "tokenizer.json", data / "tokenizer.json")  # restored: accepted
+    TokenLoader(data, seq_len=8, batch_size=2)
+
+
+def test_manifest_records_each_shards_largest_token_id(sharded):
+    for shard in load_manifest(sharded).shards:
+        assert shard.max_token_id == int(np.asarray(read_shard(shard.path)[0]).max())
+
+
+def test_token_ids_at_or_past_the_vocabulary_are_refused(tmp_path, sharded, monkeypatch):
+    data = copy_dataset(sharded, tmp_path / "data")
+    top = largest_id(data)
+    edit_manifest(data, vocab_size=top)  # the ids go one past what the manifest claims
+    with pytest.raises(UserError) as e:
+        TokenLoader(data, seq_len=8, batch_size=2)
+    message = str(e.value)
+    assert "\n" not in message and "train-0000" in message
+    assert f"holds token id {top}, but manifest.json gives vocab_size {top}" in message
+
+    # An edited max_token_id does not hide the ids: verification reads them from the shard.
+    manifest = edit_manifest(data, vocab_size=top + 1)
+    for shard in manifest["shards"]:
+        shard["max_token_id"] = 5
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match=r"holds ids up to \d+, but manifest.json records max_"):
+        TokenLoader(data, seq_len=8, batch_size=2)
+    for shard in manifest["shards"]:
+        del shard["max_token_id"]  # as manifests from before the field: still checked
+    manifest["vocab_size"] = top
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match=f"holds token id {top}, but"):
+        TokenLoader(data, seq_len=8, batch_size=2)
+
+    # The largest id is computed with the checksum, once per file and process.
+    import pretrain.data as data_module
+
+    edit_manifest(data, vocab_size=top + 1)
+    fresh = copy_dataset(data, tmp_path / "fresh")  # new files: not verified in this process yet
+    scans = []
+    real_scan = data_module.scan_shard
+    monkeypatch.setattr(data_module, "scan_shard", lambda *a: scans.append(a) or real_scan(*a))
+    TokenLoader(fresh, seq_len=8, batch_size=2)
+    TokenLoader(fresh, seq_len=8, batch_size=2)
+    assert len(scans) == len(load_manifest(fresh).split_shards("train"))
+
+
+@pytest.mark.parametrize("defect", ["swapped tokenizer", "ids past the vocabulary"])
+def test_trainer_refuses_bad_data_before_it_trains(tmp_path, tiny_dataset, defect):
+    from train_helpers import run_train
+
+    data = copy_dataset(tiny_dataset, tmp_path / "data")
+    vocab = load_manifest(data).vocab_size
+    if defect == "swapped tokenizer":
+        tok = load_tokenizer(data / "tokenizer.json")
+        tok.add_tokens(["an extra token"])
+        tok.save(str(data / "tokenizer.json"))
+        expected = "tokenizer.json has sha256"
+    else:
+        vocab = largest_id(data)
+        edit_manifest(data, vocab_size=vocab)
+        expected = f"holds token id {vocab}, but manifest.json gives vocab_size {vocab}"
+    run = tmp_path / "run"
+    proc = run_train(data, run, "--model.vocab_size", str(vocab), "--train.steps", "2",
+                     "--checkpoint.every", "1", check=False)  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0], proc.stderr[-3000:]
+    assert not list(run.glob("checkpoints/step-*"))  # nothing trained, no tokenizer copied
+
+
+# --- long documents -----------------------------------------------------------------------------
+
+
+def stdlib_text(chars: int) -> str:
+    """Real, varied text (code, prose in docstrings, numbers, punctuation) from the stdlib."""
+    parts, size = [], 0
+    for path in default_corpus_files():
+        parts.append(path.read_text(encoding="utf-8", errors="replace"))
+        size += len(parts[-1])
+        if size >= chars:
+            break
+    return "".join(parts)[:chars]
+
+
+@pytest.fixture(scope="module")
+def stdlib_tokenizer():
+    return train_tokenizer([stdlib_text(400_000)], 1024)
+
+
+def test_a_long_document_split_into_pieces_encodes_to_the_same_ids(stdlib_tokenizer):
+    from pretrain.data import PIECE_CHARS, _encode_documents, _make_encoder, split_long_text
+
+    code = stdlib_text(700_000)
+    doc = (
+        code
+        + " ".join(code[:150_000].split())  # one line of words
+        + "漢字と句読点、空白なし。" * 8000  # no spaces at all: cut at punctuation
+        + "12345abc" * 4000  # letters and numbers alternating
+    )
+    assert len(doc) > 900_000
+    pieces = split_long_text(doc)
+    assert "".join(pieces) == doc and len(pieces) > len(doc) // PIECE_CHARS
+    assert max(map(len, pieces)) <= PIECE_CHARS
+    tokenizer = _make_encoder(stdlib_tokenizer.to_str())
+    whole = tokenizer.encode(doc, add_special_tokens=False).ids
+    assert [i for p in pieces for i in tokenizer.encode(p, add_special_tokens=False).ids] == whole
+    eos = stdlib_tokenizer.token_to_id(EOS_TOKEN)
+    short = ["a normal document", code[:PIECE_CHARS]]
+    assert all(split_long_text(t) == [t] for t in short)
+    flat, lengths = _encode_documents(
+        tokenizer, [short[0], doc, short[1]], eos, np.uint16, PIECE_CHARS
+    )
+    expected = [tokenizer.encode(t, add_special_tokens=False).ids + [eos] for t in short]
+    expected.insert(1, whole + [eos])
+    assert flat.tolist() == [i for ids in expected for i in ids]
+    assert lengths == [len(ids) for ids in expected]
+
+
+def test_prepare_encodes_long_and_normal_documents_as_the_tokenizer_does(tmp_path, corpus):
+    long_doc = tmp_path / "long.txt"
+    long_doc.write_text(" ".join(stdlib_text(400_000).split()), encoding="utf-8")  # one line
+    out = tmp_path / "out"
+    inputs = [str(p) for p in corpus[:40]] + [str(long_doc)]
+    m = prepare_dataset(out, inputs, vocab_size=400, val_fraction=0.0, num_proc=2, **QUIET)
+    tok = load_tokenizer(m.tokenizer_path)
+    tok.encode_special_tokens = True
+    texts = [Path(p).read_text(encoding="utf-8") for p in inputs]
+    docs = documents(out, "train")
+    assert len(docs) == len(texts)
+    for text, ids in zip(texts, docs):
+        assert ids.tolist() == tok.encode(text, add_special_tokens=False).ids + [m.eos_id]
+
+
+def test_prepare_memory_stays_bounded_on_a_single_long_line(tmp_path):
+    words = " ".join(stdlib_text(1_500_000).split())
+    text = (words + " ") * (4_000_000 // len(words) + 1)
+    big = tmp_path / "one-line.txt"
+    big.write_text(text[:4_000_000], encoding="utf-8")
+    size = big.stat().st_size
+    measure = (
+        "import resource, subprocess, sys\n"
+        "proc = subprocess.run(sys.argv[1:], capture_output=True, text=True)\n"
+        "print(proc.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
+        "sys.stderr.write(proc.stdout + proc.stderr)\n"
+    )
+    cmd = [sys.executable, "-c", measure, sys.executable, "-m", "pretrain.cli", "prepare",
+           "--out", str(tmp_path / "out"), "--input", str(big), "--vocab-size", "400",
+           "--num-proc", "1"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RAYON_NUM_THREADS": "2"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    rc, peak_kib = map(int, proc.stdout.split())
+    assert rc == 0, proc.stderr
+    # Unsplit, this took about 200 bytes of memory per byte of the line (800 MB here); the
+    # interpreter, NumPy and tokenizers alone are about 100 MB.
+    assert peak_kib * 1024 < 100e6 + 40 * size, f"peak RSS {peak_kib} KiB for {size} bytes"
+    assert load_manifest(tmp_path / "out").vocab_size == 400
+
+
+def test_a_vocabulary_smaller_than_asked_is_reported(tmp_path):
+    line = tmp_path / "few-words.txt"
+    line.write_text(" ".join(["red", "green", "blue", "bird"] * 10_000), encoding="utf-8")
+    logged = []
+    m = prepare_dataset(tmp_path / "out", [str(line)], vocab_size=400, val_fraction=0.0,
+                        log=logged.append)  # fmt: skip
+    assert m.vocab_size < 400
+    assert f"note: the corpus supports only {m.vocab_size} tokens (asked for 400)" in "\n".join(
+        logged
+    )
+
+
+# --- rows that do not fit the schema -----------------------------------------------------------
+
+
+def test_jsonl_rows_without_the_text_field_or_with_other_values_are_refused(tmp_path):
+    good = [json.dumps({"text": f"document {i} " * 10}) for i in range(4)]
+    path = tmp_path / "rows.jsonl"
+    cases = {
+        '{"content": "the text is under another name"}': "line 4 has no field 'text' (fields: content)",
+        '{"text": ["a", "list"]}': "line 4: field 'text' holds list, not text",
+        '["a", "row", "that", "is", "no", "object"]': "line 4 is a JSON list, not an object",
+        '{"text": "unfinished': "line 4 is not valid JSON",
+    }
+    for row, expected in cases.items():
+        path.write_text("\n".join(good[:3] + [row] + good[3:]) + "\n")
+        message = bad_prepare(tmp_path, [str(path)])
+        assert f"{path} {expected}" in message, message
+    path.write_text("\n".join(good[:2] + ['{"text": null}', "", '{"text": ""}']) + "\n")
+    logged = []
+    m = prepare_dataset(tmp_path / "nulls", [str(path)], vocab_size=300, val_fraction=0.0,
+                        log=logged.append)  # fmt: skip
+    assert m.raw["stats"]["documents"]["train"] == 2 and "skipped 2 empty documents" in logged
+
+
+def test_jsonl_needs_no_datasets_package_and_names_a_bad_row(tmp_path):
+    rows = [json.dumps({"body": f"row {i}: " + "words and more words " * 5}) for i in range(30)]
+    (tmp_path / "rows.jsonl").write_text("\n".join(rows) + "\n")
+    blocked = [sys.executable, str(ROOT / "tests" / "test_minimal_deps.py"), "pretrain.cli"]
+    cmd = [*blocked, "prepare", "--input", str(tmp_path / "rows.jsonl"), "--text-field", "body",
+           "--vocab-size", "300", "--val-fraction", "0", "--num-proc", "1"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    ok = subprocess.run([*cmd, "--out", str(tmp_path / "ok")], capture_output=True, text=True,
+                        cwd=ROOT, env=env, timeout=120)  # fmt: skip
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    assert load_manifest(tmp_path / "ok").num_docs("train") == 30
+    rows[20] = json.dumps({"text": "the field is missing here"})
+    (tmp_path / "rows.jsonl").write_text("\n".join(rows) + "\n")
+    bad = subprocess.run([*cmd, "--out", str(tmp_path / "bad")], capture_output=True, text=True,
+                         cwd=ROOT, env=env, timeout=120)  # fmt: skip
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0, bad.stderr[-3000:]
+    assert f"{tmp_path / 'rows.jsonl'} line 21 has no field 'body'" in bad.stderr
