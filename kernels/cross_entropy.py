@@ -15,9 +15,9 @@ form of ``addmm`` is missing, the product is formed a slab of vocabulary rows at
 temporary stays small. Default chunks are a multiple of 256 tokens so the matmuls have no ragged
 tile rows.
 
-Targets must lie in [0, vocab) or equal ``ignore_index``; anything else raises, as
-``F.cross_entropy`` does (checking costs one device synchronization; with
-``validate_targets=False`` the check is skipped and such a token's loss is NaN instead).
+Targets must lie in [0, vocab) or equal ``ignore_index``; anything else raises on CPU and
+is a device-side assert on a GPU, as in ``F.cross_entropy`` (no host synchronization); with
+``validate_targets=False`` the check is skipped and such a token's loss is NaN instead.
 """
 
 from __future__ import annotations
@@ -214,8 +214,16 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
 
 
 def _check_targets(targets: torch.Tensor, valid: torch.Tensor, vocab: int) -> None:
-    """Raise for a target outside [0, vocab) that is not ignore_index (one device sync)."""
+    """Refuse a target outside [0, vocab) that is not ignore_index.
+
+    On CPU this raises a ValueError naming the token. On a GPU it is a device-side assert, as in
+    ``F.cross_entropy``: a host-side check would synchronize every training step and stall the
+    launch queue, while the assert costs one tiny kernel and still stops the run.
+    """
     bad = valid & ((targets < 0) | (targets >= vocab))
+    if targets.device.type != "cpu":
+        torch._assert_async(~bad.any(), "cross-entropy target outside the vocabulary")
+        return
     if bool(bad.any()):
         first = int(bad.nonzero()[0, 0])
         raise ValueError(
@@ -238,8 +246,8 @@ def linear_cross_entropy(
     """Cross-entropy of ``hidden @ weight.T`` against ``targets``; ``reduction`` is mean or sum.
 
     Targets equal to ``ignore_index`` carry no loss; a mean over no valid target is NaN, as in
-    ``F.cross_entropy``. Any other target outside [0, vocab) raises ``ValueError`` (one device
-    synchronization per call); ``validate_targets=False`` skips the check, and such a token's loss
+    ``F.cross_entropy``. Any other target outside [0, vocab) raises ``ValueError`` on CPU and is
+    a device-side assert on a GPU (no host synchronization); ``validate_targets=False`` skips the check, and such a token's loss
     is then NaN. ``chunk_tokens`` sets how many tokens' logits the fused path holds at once
     (default: about 256 MiB of them, rounded down to a multiple of 256 tokens).
     """
