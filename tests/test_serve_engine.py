@@ -241,3 +241,49 @@ def test_stop_strings_are_cut_and_never_released(pieces, stop, released):
     assert "".join(out) == released
     for s in stop:
         assert s not in "".join(out)
+
+
+def test_a_request_whose_logits_go_bad_mid_decode_fails_alone(tokenizer):
+    """One row of the batched decode turns NaN: that request ends with "error", the others
+    (greedy and seeded) get their solo tokens, and the gauges count nobody afterwards."""
+    from pretrain.serve.metrics import Metrics
+
+    torch.manual_seed(0)
+    model = Transformer(small_model_config(tokenizer.get_vocab_size(), tie_embeddings=False))
+    model.eval()
+    vocab = model.config.vocab_size
+    prompts = _prompts(6, vocab, seed=9, max_len=20)
+    params = [
+        SamplingParams(max_tokens=12, temperature=0.9 * (i % 2), seed=300 + i, ignore_eos=True)
+        for i in range(6)
+    ]
+    solo = [_engine(model, tokenizer).generate(p, sp) for p, sp in zip(prompts, params)]
+    used = {t for ids in prompts + solo for t in ids}
+    # A seed whose first draw is a token nobody else reads: poisoning that token's embedding
+    # leaves every other request's numbers alone and breaks this one at its first decode.
+    bad_prompt = [5, 6, 7]
+    for seed in range(100):
+        bad_params = SamplingParams(max_tokens=12, temperature=1.0, seed=seed, ignore_eos=True)
+        first = _engine(model, tokenizer).generate(bad_prompt, bad_params)[0]
+        if first not in used and first not in bad_prompt:
+            break
+    with torch.no_grad():
+        model.embed_tokens.weight[first] = float("nan")
+
+    metrics = Metrics(slots=8)
+    engine = _engine(model, tokenizer, metrics=metrics)
+    outputs = {}
+    requests = [
+        engine.make_request(p, sp, lambda r, o: outputs.setdefault(r.id, []).append(o))
+        for p, sp in zip([bad_prompt, *prompts], [bad_params, *params])
+    ]
+    engine.submit(requests)
+    _step_until(engine, lambda: all(r.finished for r in requests))
+    bad, *good = requests
+    assert bad.output_ids == [first]  # it did reach the decode batch before failing
+    last = outputs[bad.id][-1]
+    assert last.finish_reason == "error" and "not finite" in last.error
+    assert [r.output_ids for r in good] == solo
+    assert all(outputs[r.id][-1].finish_reason == "length" for r in good)
+    for gauge in ("pretrain_requests_running", "pretrain_kv_slots_in_use"):
+        assert metrics.registry.get_sample_value(gauge) == 0
