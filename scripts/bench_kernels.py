@@ -5,7 +5,9 @@ Each section runs ours and the baselines side by side in this one process, repor
 benchmarked inputs:
 
 - attention: causal bf16 forward, backward and forward+backward TFLOP/s of ``kernels.attention``
-  vs ``scaled_dot_product_attention`` with the flash and cuDNN backends, 16k tokens per batch
+  (``ours``: the fa2 kernels; ``ours-hopper``: tensor descriptors, autotuned forward, atomic-dQ
+  backward; ``ours-hopper-det``: its deterministic backward) vs ``scaled_dot_product_attention``
+  with the flash and cuDNN backends and compiled FlexAttention, 16k tokens per batch
   (B x T), T from 1k to 16k, head dim 64 and 128, Hq = Hkv and a GQA case; errors of ours and of
   SDPA against an fp32 reference.
 - adamw: one optimizer step over the parameter shapes of configs/llama-1b.toml (~1.2B
@@ -50,6 +52,7 @@ if SMOKE:  # must precede the first import of kernels (the decorators bind to th
 import argparse  # noqa: E402
 import datetime  # noqa: E402
 import functools  # noqa: E402
+import importlib  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import time  # noqa: E402
@@ -132,53 +135,110 @@ def sdpa_backends(setup: Setup) -> dict[str, object]:
     return {"sdpa-math": SDPBackend.MATH}
 
 
-def attention_impls(setup: Setup, gqa: bool) -> dict[str, Callable]:
-    """name -> f(q, k, v) causal attention: ours and SDPA pinned to each of its backends."""
+# Our implementations: kernels.attention's impl and deterministic arguments.
+OUR_ATTENTION = {
+    "ours": dict(impl="fa2"),
+    "ours-hopper": dict(impl="hopper"),
+    "ours-hopper-det": dict(impl="hopper", deterministic=True),
+}
+
+
+def attention_impls(
+    setup: Setup, gqa: bool, doc_ids: torch.Tensor | None = None
+) -> dict[str, Callable]:
+    """name -> f(q, k, v) causal attention (within documents with ``doc_ids``): ours (the fa2 and
+    the hopper kernels), SDPA pinned to each of its backends and FlexAttention (compiled)."""
     from torch.nn.attention import sdpa_kernel
 
-    def ours(q, k, v):
-        with warnings.catch_warnings():  # a fallback to the reference must not pass as ours
-            warnings.filterwarnings("error", message=".*does not cover.*")
-            return kernels.attention(q, k, v, causal=True, backend="triton")
+    def ours(options):
+        def run(q, k, v):
+            with warnings.catch_warnings():  # a fallback must not pass as ours
+                warnings.filterwarnings("error", message=".*does not cover.*")
+                return kernels.attention(
+                    q, k, v, causal=True, doc_ids=doc_ids, backend="triton", **options
+                )
+
+        return run
 
     def pinned(backend):
         def run(q, k, v):
+            if doc_ids is not None:
+                raise NotImplementedError("this SDPA backend takes no document mask")
             with sdpa_kernel(backend):
                 return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
 
         return run
 
-    return {"ours": ours} | {name: pinned(b) for name, b in sdpa_backends(setup).items()}
+    impls = {name: ours(options) for name, options in OUR_ATTENTION.items()}
+    impls |= {name: pinned(b) for name, b in sdpa_backends(setup).items()}
+    return impls | {"flex": flex_attention_impl(setup, gqa, doc_ids)}
 
 
-def attention_cases(setup: Setup) -> list[tuple[str, int, int, int, int, int]]:
-    """(label, B, Hq, Hkv, T, D): 16k tokens per batch, T from 1k to 16k."""
+def flex_attention_impl(setup: Setup, gqa: bool, doc_ids: torch.Tensor | None) -> Callable:
+    """FlexAttention with a causal (and document) block mask, built once per shape."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    compiled = torch.compile(flex_attention, backend=setup.compile_backend, dynamic=False)
+    masks: dict[tuple, object] = {}
+
+    def run(q, k, v):
+        B, T = q.shape[0], q.shape[2]
+        if (B, T) not in masks:
+            if doc_ids is None:
+
+                def mask_mod(b, h, qi, ki):
+                    return qi >= ki
+            else:
+
+                def mask_mod(b, h, qi, ki):
+                    return (qi >= ki) & (doc_ids[b, qi] == doc_ids[b, ki])
+
+            masks[B, T] = create_block_mask(mask_mod, B, None, T, T, device=q.device.type)
+        return compiled(q, k, v, block_mask=masks[B, T], enable_gqa=gqa)
+
+    return run
+
+
+def attention_cases(setup: Setup) -> list[tuple[str, int, int, int, int, int, int]]:
+    """(label, B, Hq, Hkv, T, D, docs): 16k tokens per batch, T from 1k to 16k, and packed
+    documents (``docs`` equal documents per row; 8 x 1k at T = 8k), causal within each."""
     if setup.smoke:
         tokens, lengths, heads = 64, (64,), [("mha", 2, 2, 32), ("gqa", 4, 2, 64)]
+        packed = [("doc", 2, 2, 32, 64, 4)]
     else:
         tokens = 16384
         lengths = (1024, 4096, 16384) if setup.quick else (1024, 2048, 4096, 8192, 16384)
         heads = [("mha", 32, 32, 64), ("mha", 16, 16, 128), ("gqa", 32, 8, 128)]
-    return [
-        (f"{kind} d{D} T{T}", tokens // T, hq, hkv, T, D)
+        packed = [("doc8x1k", 16, 16, 128, 8192, 8)]
+    cases = [
+        (f"{kind} d{D} T{T}", tokens // T, hq, hkv, T, D, 0)
         for kind, hq, hkv, D in heads
         for T in lengths
     ]
+    return cases + [
+        (f"{kind} d{D} T{T}", tokens // T, hq, hkv, T, D, docs)
+        for kind, hq, hkv, D, T, docs in packed
+    ]
 
 
-def attention_reference_grads(q, k, v, do) -> tuple[torch.Tensor, ...]:
+def attention_reference_grads(q, k, v, do, doc_ids=None) -> tuple[torch.Tensor, ...]:
     """Output and gradients in fp32: the yardstick both ours and SDPA are measured against."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     groups = q.shape[1] // k.shape[1]
     qf, kf, vf = (t.detach().float().requires_grad_() for t in (q, k, v))
     backends = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH] if q.is_cuda else [SDPBackend.MATH]
+    mask = None
+    if doc_ids is not None:
+        attention_mask = importlib.import_module("kernels.attention").attention_mask
+        mask = attention_mask(q.shape[2], k.shape[2], causal=True, doc_ids=doc_ids, device=q.device)
     with sdpa_kernel(backends):
         out = F.scaled_dot_product_attention(
             qf,
             kf.repeat_interleave(groups, 1),
             vf.repeat_interleave(groups, 1),
-            is_causal=True,
+            is_causal=mask is None,
+            attn_mask=mask,
         )
     out.backward(do.float())
     return out.detach(), qf.grad, kf.grad, vf.grad
@@ -189,8 +249,11 @@ def max_errors(got: tuple[torch.Tensor, ...], ref: tuple[torch.Tensor, ...]) -> 
 
 
 def bench_attention_case(setup: Setup, case) -> list[dict]:
-    label, B, Hq, Hkv, T, D = case
+    label, B, Hq, Hkv, T, D, docs = case
     gen = torch.Generator(device=setup.device).manual_seed(0)
+    doc_ids = None
+    if docs:  # equal documents packed in each row
+        doc_ids = (torch.arange(T, device=setup.device) // (T // docs)).expand(B, T).contiguous()
 
     def randn(*shape):
         x = torch.randn(*shape, device=setup.device, dtype=setup.dtype, generator=gen)
@@ -198,12 +261,14 @@ def bench_attention_case(setup: Setup, case) -> list[dict]:
 
     q, k, v = randn(B, Hq, T, D), randn(B, Hkv, T, D), randn(B, Hkv, T, D)
     do = torch.randn(B, Hq, T, D, device=setup.device, dtype=setup.dtype, generator=gen)
-    ref = attention_reference_grads(q, k, v, do)
+    ref = attention_reference_grads(q, k, v, do, doc_ids)
     scale = max(r.abs().max().item() for r in ref)
-    flops_fwd = 4 * B * Hq * T * T * D / 2  # causal: half of the score matrix
+    span = T // docs if docs else T  # causal within each document: half of its score block
+    flops_fwd = 4 * B * Hq * T * span * D / 2
     rows = []
-    for name, fn in attention_impls(setup, Hkv != Hq).items():
+    for name, fn in attention_impls(setup, Hkv != Hq, doc_ids).items():
         row = {"case": label, "impl": name, "B": B, "Hq": Hq, "Hkv": Hkv, "T": T, "D": D}
+        row["docs"] = docs
         try:
             row |= time_attention(fn, (q, k, v), do, ref, flops_fwd, setup)
         except Exception as exc:  # a backend that does not take this case (e.g. GQA)
@@ -235,10 +300,11 @@ def time_attention(fn, qkv, do, ref, flops_fwd: float, setup: Setup) -> dict:
 
 
 def judge_attention(rows: list[dict], scale: float) -> None:
-    """Ours is correct when each error is within twice SDPA's (or 1% of the largest value)."""
-    baseline = [r["max_err"] for r in rows if r["impl"] != "ours" and "max_err" in r]
+    """Ours is correct when each error is within twice the baselines' (or 1% of the largest
+    value)."""
+    baseline = [r["max_err"] for r in rows if r["impl"] not in OUR_ATTENTION and "max_err" in r]
     for row in rows:
-        if row["impl"] != "ours" or "max_err" not in row:
+        if row["impl"] not in OUR_ATTENTION or "max_err" not in row:
             continue
         limits = [max(2 * max(errs), 1e-2 * scale) for errs in zip(*baseline)] or [1e-2 * scale] * 4
         row["ok"] = all(e <= lim for e, lim in zip(row["max_err"], limits))

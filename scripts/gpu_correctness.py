@@ -170,15 +170,19 @@ def attention_checks(device, dtypes, smoke: bool) -> list[Check]:
             + (" docs" if docs else "")
         )
 
-        def ours(q, k, v, causal=causal, doc_ids=doc_ids):
-            return kernels.attention(q, k, v, causal=causal, doc_ids=doc_ids, backend="triton")
-
         def ref(q, k, v, causal=causal, doc_ids=doc_ids):
             return kernels.attention_reference(q, k, v, causal=causal, doc_ids=doc_ids)
 
-        for dtype in dtypes:
-            checks.append(compare("attention", label, dtype, ours, ref, inputs,
-                                  ("kernels.attention", "attention_reference")))  # fmt: skip
+        for impl in ("fa2", "hopper"):  # the hopper path: descriptors, atomic-dQ backward
+
+            def ours(q, k, v, causal=causal, doc_ids=doc_ids, impl=impl):
+                return kernels.attention(
+                    q, k, v, causal=causal, doc_ids=doc_ids, backend="triton", impl=impl
+                )
+
+            for dtype in dtypes:
+                checks.append(compare("attention", f"{label} {impl}", dtype, ours, ref, inputs,
+                                      ("kernels.attention", "attention_reference")))  # fmt: skip
     return checks
 
 
