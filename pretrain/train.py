@@ -615,15 +615,18 @@ def train(
     check_config(config, world_size)
     dist_info = init_distributed(device_type)
     try:
-        return _train(
-            config,
-            Path(out_dir),
-            dist_info,
-            make_train_loader=make_train_loader,
-            make_val_loader=make_val_loader,
-            bytes_per_token=bytes_per_token,
-            tokenizer_path=tokenizer_path,
-        )
+        from pretrain.checkpoint import lock_run_dir
+
+        with lock_run_dir(out_dir, dist_info):  # one trainer per run directory (rank 0 holds it)
+            return _train(
+                config,
+                Path(out_dir),
+                dist_info,
+                make_train_loader=make_train_loader,
+                make_val_loader=make_val_loader,
+                bytes_per_token=bytes_per_token,
+                tokenizer_path=tokenizer_path,
+            )
     finally:
         destroy_distributed()
 
@@ -744,12 +747,13 @@ def _train(
         if isinstance(e, UserError):
             checkpointer.finish()
         log.close()
-        status.write(
-            "failed",
-            step=progress.step,
-            checkpoint=checkpointer.latest(),
-            message=f"{type(e).__name__}: {e}"[:1000],
-        )
+        with contextlib.suppress(OSError):  # a full disk must not hide the error itself
+            status.write(
+                "failed",
+                step=progress.step,
+                checkpoint=checkpointer.latest(),
+                message=f"{type(e).__name__}: {e}"[:1000],
+            )
         raise
     barrier()
     state = "preempted" if progress.preempted else "finished"
@@ -991,6 +995,7 @@ def _train_until(run: _Run, progress: _Progress, stop_at: int) -> None:
                 window_start, window_tokens = time.perf_counter(), 0
             if config.eval.every > 0 and (step % config.eval.every == 0 or step == t.steps):
                 _evaluate_and_log(run, progress)
+            run.checkpointer.poll()  # a background save that failed stops the run now
             reason = preemption.reason
             (signalled,) = all_reduce_sum([1.0 if reason else 0.0], device)
             due = deferred or (config.checkpoint.every > 0 and step % config.checkpoint.every == 0)
