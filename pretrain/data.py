@@ -268,9 +268,9 @@ def _read_json_files(source: Source) -> Iterator[tuple[str, Any]]:
     """
     for path in source.files:
         opener = _COMPRESSED.get(Path(path).suffix, open)
-        with opener(path, "rt", encoding="utf-8", errors="replace") as f:
+        with opener(path, "rt", encoding="utf-8-sig", errors="replace") as f:  # BOM or not
             head = f.read(4096).lstrip()
-        with opener(path, "rt", encoding="utf-8", errors="replace") as f:
+        with opener(path, "rt", encoding="utf-8-sig", errors="replace") as f:
             if head.startswith("["):  # one JSON array of rows
                 try:
                     rows = json.load(f)
