@@ -8,12 +8,15 @@ from kernels._backend import get_backend, set_backend, use_triton
 from kernels.adamw import AdamW, clip_grad_scale
 from kernels.attention import attention, attention_reference
 from kernels.cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
+from kernels.muon import Muon
+from kernels.newton_schulz import newton_schulz, newton_schulz_reference
 from kernels.rms_norm import add_rms_norm, add_rms_norm_reference, rms_norm, rms_norm_reference
 from kernels.rope import apply_rope, apply_rope_reference, rope_cos_sin
 from kernels.swiglu import swiglu, swiglu_reference
 
 __all__ = [
     "AdamW",
+    "Muon",
     "add_rms_norm",
     "add_rms_norm_reference",
     "apply_rope",
@@ -24,6 +27,8 @@ __all__ = [
     "get_backend",
     "linear_cross_entropy",
     "linear_cross_entropy_reference",
+    "newton_schulz",
+    "newton_schulz_reference",
     "rms_norm",
     "rms_norm_reference",
     "rope_cos_sin",
