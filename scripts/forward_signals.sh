@@ -5,7 +5,9 @@
 # a SIGUSR1 at once, leaving its workers unsupervised. Forwarded to the workers instead (SIGINT
 # as SIGTERM), every rank finishes its step, saves a checkpoint, writes status.json
 # ("preempted") and exits 0, and the agent then exits 0 too. So signal the launcher, not
-# torchrun. A signal that comes before the workers exist is delivered once they do.
+# torchrun. A signal that comes before the workers exist is delivered once they do. A SIGKILL
+# cannot be passed on: to kill a run outright, kill the agent's session (its pid is the
+# session id) rather than only this script.
 
 run_torchrun() {
   # Its own session, so that Ctrl-C at a terminal reaches this script only (torchrun would

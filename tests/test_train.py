@@ -6,6 +6,7 @@ accumulation and one without give the same losses (two ranks: test_train_distrib
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import subprocess
@@ -21,6 +22,7 @@ from train_helpers import (
     losses,
     records,
     run_train,
+    train_cmd,
 )
 
 from pretrain.config import load_config
@@ -313,3 +315,130 @@ def test_a_run_that_keeps_skipping_spikes_stops_after_the_bound(tiny_dataset, tm
     skipped = [r["step"] for r in records(run) if r["skipped"] > 0]
     assert skipped and _saved_steps(run)[-1] < skipped[0]  # nothing saved while skipping
     assert _status(run)["state"] == "diverged" and _status(run)["checkpoint"] == str(newest)
+
+
+# --------------------------------------------------------------------------- how a run ended
+
+
+def test_a_finished_run_says_so_in_status_json(runs):
+    status = _status(runs["accum4"])
+    assert status["state"] == "finished" and status["step"] == 8
+    assert status["checkpoint"] == str(runs["accum4"] / "checkpoints" / "step-000008")
+
+
+def _workers_of(out) -> list[int]:
+    """Trainer processes (any rank, any parent) still running for run directory ``out``."""
+    import os
+
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
+        except OSError:
+            continue
+        args = [a.decode(errors="replace") for a in cmdline]
+        if any("pretrain" in a for a in args) and str(out) in args and int(pid) != os.getpid():
+            found.append(int(pid))
+    return found
+
+
+def _signal_at_step(cmd, out, sig, *, step=3, target=None, env_extra=None):
+    """Start ``cmd``, send ``sig`` once step ``step`` was logged (to the process, or to the
+    process ``target(pid)`` names), and return (exit code, output, pids left running)."""
+    import os
+    import re
+    import signal as signals
+    import threading
+    import time
+
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env() | (env_extra or {}), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
+    try:
+        deadline = time.monotonic() + 240
+        while not any(re.search(rf"train step= *{step}/", line) for line in lines):
+            assert proc.poll() is None and time.monotonic() < deadline, "".join(lines)[-3000:]
+            time.sleep(0.1)
+        os.kill(target(proc.pid) if target else proc.pid, sig)
+        rc = proc.wait(timeout=180)
+        deadline = time.monotonic() + 60  # workers of a dead agent save, then exit on their own
+        while _workers_of(out) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        time.sleep(0.5)
+        return rc, "".join(lines), _workers_of(out)
+    finally:
+        for pid in [proc.pid, *_workers_of(out)]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signals.SIGKILL)
+        proc.wait(timeout=30)
+
+
+def _endless(data, out, nproc=1):
+    return train_cmd(data, out, "--train.steps", "100000", "--eval.every", "0",
+                     "--checkpoint.every", "0", nproc=nproc)  # fmt: skip
+
+
+def _assert_preempted(out, rc, output, left, signal_name, rc_wanted=0):
+    assert rc == rc_wanted, output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
+    assert not left, f"trainer processes left running: {left}"
+    status = _status(out)
+    assert status["state"] == "preempted" and status["signal"] == signal_name, status
+    assert status["step"] >= 3
+    assert status["checkpoint"] == str(out / "checkpoints" / f"step-{status['step']:06d}")
+    assert (out / "checkpoints" / "latest").read_text().strip() == f"step-{status['step']:06d}"
+
+
+def test_a_preempted_run_says_so_in_status_json(tiny_dataset, tmp_path):
+    import signal as signals
+
+    out = tmp_path / "run"
+    rc, output, left = _signal_at_step(_endless(tiny_dataset, out), out, signals.SIGTERM)
+    _assert_preempted(out, rc, output, left, "SIGTERM")
+
+
+def _launcher(data, out):
+    """scripts/launch_single_node.sh with two CPU ranks and the tiny model, run endlessly."""
+    args = _endless(data, out)[4:]  # drop "python -m pretrain.cli train"
+    args = args[args.index("--out") + 2 :]
+    return ["bash", "scripts/launch_single_node.sh", "configs/tiny.toml", str(data), str(out),
+            *args]  # fmt: skip
+
+
+LAUNCHER_ENV = {"NPROC": "2", "VENV": sys.prefix}
+
+
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGUSR1"])
+def test_a_signal_to_the_launcher_reaches_the_workers_and_ends_cleanly(
+    tiny_dataset, tmp_path, name
+):
+    """The launcher passes the signal to the ranks, not to the torchrun agent (which would
+    print a traceback for SIGTERM and die of SIGUSR1): every rank saves, torchrun exits 0."""
+    import signal as signals
+
+    out = tmp_path / "run"
+    rc, output, left = _signal_at_step(_launcher(tiny_dataset, out), out,
+                                       getattr(signals, name), env_extra=LAUNCHER_ENV)  # fmt: skip
+    _assert_preempted(out, rc, output, left, name)
+    assert "world size 2" in output
+
+
+def test_workers_of_a_dead_torchrun_agent_save_and_stop(tiny_dataset, tmp_path):
+    """SIGUSR1 to the agent itself kills it (nothing can prevent that); the ranks notice that
+    their parent is gone, save and exit instead of training on unsupervised."""
+    import signal as signals
+
+    out = tmp_path / "run"
+
+    def agent(launcher_pid):
+        return int(subprocess.check_output(["pgrep", "-P", str(launcher_pid)]).split()[0])
+
+    rc, output, left = _signal_at_step(_launcher(tiny_dataset, out), out, signals.SIGUSR1,
+                                       target=agent, env_extra=LAUNCHER_ENV)  # fmt: skip
+    assert not left, f"trainer processes left running: {left}"
+    status = _status(out)
+    assert status["state"] == "preempted", status
+    assert status["signal"] == "the exit of the torchrun agent"
+    assert status["checkpoint"] == str(out / "checkpoints" / f"step-{status['step']:06d}")
+    assert rc == 128 + signals.SIGUSR1  # the agent's own death, passed on by the launcher
