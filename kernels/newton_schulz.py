@@ -39,7 +39,6 @@ DEFAULT_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 DEFAULT_STEPS = 5
 DEFAULT_EPS = 1e-7  # torch.optim.Muon's: the norm is clamped to at least this
 
-_KERNEL_DTYPES = {torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): a 128-row tile for large matrices, a
 # 64-row one (more programs per matrix, still one warpgroup of tensor-core rows) below 1024 rows.
@@ -59,7 +58,6 @@ def _sym_gram_kernel(
     z_ptr,  # (B, M, M): added with weight beta when HAS_Z (unused otherwise)
     out_ptr,  # (B, M, M): alpha * Y Yᵀ + beta * Z, both triangles written
     tiles_ptr,  # int32 (n_tiles, 2): tile (row block, column block) with row block >= column
-    M,
     K,
     stride_yb,
     stride_ym,
@@ -72,7 +70,10 @@ def _sym_gram_kernel(
     BLOCK: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """One tile on or below the diagonal of a symmetric product, mirrored across it."""
+    """One tile on or below the diagonal of a symmetric product, mirrored across it.
+
+    M is a multiple of BLOCK and K of BLOCK_K (the caller zero-pads), so nothing is masked.
+    """
     t = tl.program_id(0)
     batch = tl.program_id(1).to(tl.int64)
     ti = tl.load(tiles_ptr + 2 * t)
@@ -81,41 +82,30 @@ def _sym_gram_kernel(
     rows_j = tj * BLOCK + tl.arange(0, BLOCK)
     ks = tl.arange(0, BLOCK_K)
     y_base = y_ptr + batch * stride_yb
+    yi_ptrs = y_base + rows_i[:, None] * stride_ym + ks[None, :]
+    yj_ptrs = y_base + rows_j[:, None] * stride_ym + ks[None, :]
     acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        kk = k0 + ks
-        k_in = kk[None, :] < K
-        yi = tl.load(
-            y_base + rows_i[:, None] * stride_ym + kk[None, :],
-            mask=(rows_i[:, None] < M) & k_in,
-            other=0.0,
-        )
-        yj = tl.load(
-            y_base + rows_j[:, None] * stride_ym + kk[None, :],
-            mask=(rows_j[:, None] < M) & k_in,
-            other=0.0,
-        )
+    for _ in range(0, K, BLOCK_K):
+        yi = tl.load(yi_ptrs)
+        yj = tl.load(yj_ptrs)
         if UPCAST:
             yi = yi.to(tl.float32)
             yj = yj.to(tl.float32)
         acc = tl.dot(yi, tl.trans(yj), acc)
+        yi_ptrs += BLOCK_K
+        yj_ptrs += BLOCK_K
 
-    out_base = out_ptr + batch * stride_ob
     offsets_ij = rows_i[:, None] * stride_om + rows_j[None, :]
-    mask_ij = (rows_i[:, None] < M) & (rows_j[None, :] < M)
     if HAS_Z:
-        z = tl.load(z_ptr + batch * stride_ob + offsets_ij, mask=mask_ij, other=0.0)
+        z = tl.load(z_ptr + batch * stride_ob + offsets_ij)
         acc = alpha * acc + beta * z.to(tl.float32)
     else:
         acc = alpha * acc
     out = acc.to(out_ptr.dtype.element_ty)
-    tl.store(out_base + offsets_ij, out, mask=mask_ij)
+    out_base = out_ptr + batch * stride_ob
+    tl.store(out_base + offsets_ij, out)
     if ti != tj:  # the mirror image above the diagonal: the same rounded values, transposed
-        tl.store(
-            out_base + rows_j[:, None] * stride_om + rows_i[None, :],
-            tl.trans(out),
-            mask=(rows_j[:, None] < M) & (rows_i[None, :] < M),
-        )
+        tl.store(out_base + rows_j[:, None] * stride_om + rows_i[None, :], tl.trans(out))
 
 
 @triton.jit
@@ -135,43 +125,50 @@ def _ns_update_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """One (BLOCK_M × BLOCK_N) tile of the next iterate; the old X is added in the epilogue."""
+    """One (BLOCK_M × BLOCK_N) tile of the next iterate; the old X is added in the epilogue.
+
+    M is a multiple of BLOCK_M and BLOCK_K, N of BLOCK_N (the caller zero-pads).
+    """
     pid = tl.program_id(0)
     batch = tl.program_id(1).to(tl.int64)
-    n_col_tiles = tl.cdiv(N, BLOCK_N)
+    n_col_tiles = N // BLOCK_N
     rows = (pid // n_col_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = (pid % n_col_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
     ks = tl.arange(0, BLOCK_K)
     x_base = x_ptr + batch * stride_xb
-    s_base = s_ptr + batch * stride_sb
+    s_ptrs = s_ptr + batch * stride_sb + rows[:, None] * stride_sm + ks[None, :]
+    x_ptrs = x_base + ks[:, None] * stride_xm + cols[None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, M, BLOCK_K):
-        kk = k0 + ks
-        s = tl.load(
-            s_base + rows[:, None] * stride_sm + kk[None, :],
-            mask=(rows[:, None] < M) & (kk[None, :] < M),
-            other=0.0,
-        )
-        x = tl.load(
-            x_base + kk[:, None] * stride_xm + cols[None, :],
-            mask=(kk[:, None] < M) & (cols[None, :] < N),
-            other=0.0,
-        )
+    for _ in range(0, M, BLOCK_K):
+        s = tl.load(s_ptrs)
+        x = tl.load(x_ptrs)
         if UPCAST:
             s = s.to(tl.float32)
             x = x.to(tl.float32)
         acc = tl.dot(s, x, acc)
+        s_ptrs += BLOCK_K
+        x_ptrs += BLOCK_K * stride_xm
     offsets = rows[:, None] * stride_xm + cols[None, :]
-    mask = (rows[:, None] < M) & (cols[None, :] < N)
-    x_old = tl.load(x_base + offsets, mask=mask, other=0.0).to(tl.float32)
-    acc = a * x_old + acc
-    tl.store(out_ptr + batch * stride_xb + offsets, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    acc = a * tl.load(x_base + offsets).to(tl.float32) + acc
+    tl.store(out_ptr + batch * stride_xb + offsets, acc.to(out_ptr.dtype.element_ty))
 
 
-def _config(rows: int, device: torch.device) -> tuple[int, int, int, int, int]:
+def _config(device: torch.device, rows: int) -> tuple[int, int, int, int, int]:
     if device.type == "cpu" and INTERPRET:
         return INTERPRET_BLOCK, INTERPRET_BLOCK, INTERPRET_BLOCK, 1, 1
     return GPU_CONFIGS["large" if rows >= LARGE_FROM_ROWS else "small"]
+
+
+def padded_shape(rows: int, cols: int, device: torch.device) -> tuple[int, int]:
+    """(rows, cols) rounded up to the tiles the kernels take for such a matrix on ``device``.
+
+    Zero rows and columns do not change the iteration (they stay zero in X, A and S and add
+    nothing to the products), so any shape runs mask-free kernels on a zero-padded copy.
+    """
+    block_m, block_n, block_k, _, _ = _config(device, rows)
+    step_m = max(block_m, block_k)
+    step_n = max(block_n, block_k)
+    return triton.cdiv(rows, step_m) * step_m, triton.cdiv(cols, step_n) * step_n
 
 
 @functools.lru_cache(maxsize=64)
@@ -181,25 +178,38 @@ def _lower_tiles(n_blocks: int, device: torch.device) -> torch.Tensor:
     return torch.tensor(tiles, dtype=torch.int32, device=device).reshape(-1, 2)
 
 
+def _check_padded(x: torch.Tensor, rows: int, what: str) -> None:
+    want = padded_shape(rows, x.shape[-1], x.device)
+    if tuple(x.shape[-2:]) != want or not x.is_contiguous():
+        raise ValueError(f"{what}: expected a contiguous (B, {want[0]}, {want[1]}) tensor, got "
+                         f"{tuple(x.shape)}; zero-pad it to padded_shape()")  # fmt: skip
+
+
 def sym_gram(
     y: torch.Tensor,
     z: torch.Tensor | None = None,
     alpha: float = 1.0,
     beta: float = 0.0,
     out: torch.Tensor | None = None,
+    *,
+    rows: int | None = None,
 ) -> torch.Tensor:
-    """``alpha * y @ yᵀ + beta * z`` for a contiguous (B, M, K) ``y``, by the triangle kernel."""
-    batch, rows, inner = y.shape
+    """``alpha * y @ yᵀ + beta * z`` for a zero-padded (B, M, K) ``y``, by the triangle kernel.
+
+    ``rows``: the row count the padding was chosen for (the tile choice), ``M`` by default.
+    """
+    batch, padded_rows, inner = y.shape
+    rows = padded_rows if rows is None else rows
+    _check_padded(y, rows, "sym_gram")
     if out is None:
-        out = _new_buffer((batch, rows, rows), dtype=y.dtype, device=y.device)
-    block, _, block_k, num_warps, num_stages = _config(rows, y.device)
-    tiles = _lower_tiles(triton.cdiv(rows, block), y.device)
+        out = _new_buffer((batch, padded_rows, padded_rows), dtype=y.dtype, device=y.device)
+    block, _, block_k, num_warps, num_stages = _config(y.device, rows)
+    tiles = _lower_tiles(padded_rows // block, y.device)
     _sym_gram_kernel[(tiles.shape[0], batch)](
         y,
         z if z is not None else out,
         out,
         tiles,
-        rows,
         inner,
         y.stride(0),
         y.stride(1),
@@ -218,19 +228,26 @@ def sym_gram(
 
 
 def ns_update(
-    x: torch.Tensor, s: torch.Tensor, a: float, out: torch.Tensor | None = None
+    x: torch.Tensor,
+    s: torch.Tensor,
+    a: float,
+    out: torch.Tensor | None = None,
+    *,
+    rows: int | None = None,
 ) -> torch.Tensor:
-    """``a * x + s @ x`` for contiguous (B, M, N) ``x`` and (B, M, M) ``s``."""
-    batch, rows, cols = x.shape
+    """``a * x + s @ x`` for a zero-padded (B, M, N) ``x`` and (B, M, M) ``s``."""
+    batch, padded_rows, cols = x.shape
+    rows = padded_rows if rows is None else rows
+    _check_padded(x, rows, "ns_update")
     if out is None:
         out = _new_buffer(x.shape, dtype=x.dtype, device=x.device)
-    block_m, block_n, block_k, num_warps, num_stages = _config(rows, x.device)
-    grid = (triton.cdiv(rows, block_m) * triton.cdiv(cols, block_n), batch)
+    block_m, block_n, block_k, num_warps, num_stages = _config(x.device, rows)
+    grid = ((padded_rows // block_m) * (cols // block_n), batch)
     _ns_update_kernel[grid](
         x,
         s,
         out,
-        rows,
+        padded_rows,
         cols,
         x.stride(0),
         x.stride(1),
@@ -245,6 +262,25 @@ def ns_update(
         num_stages=num_stages,
     )
     return out
+
+
+def pad(x: torch.Tensor, rows: int | None = None) -> torch.Tensor:
+    """A zero-padded contiguous copy of a (B, M, N) batch, sized by :func:`padded_shape`."""
+    batch, m, n = x.shape
+    pm, pn = padded_shape(m if rows is None else rows, n, x.device)
+    if (pm, pn) == (m, n):
+        return x.contiguous()
+    out = torch.zeros((batch, pm, pn), dtype=x.dtype, device=x.device)
+    out[:, :m, :n] = x
+    return out
+
+
+def _kernel_dtypes(device: torch.device) -> tuple[torch.dtype, ...]:
+    """bf16 on the GPU (the tensor-core path); fp32 too under the interpreter, where the kernels
+    compute in fp32 anyway and an fp32 buffer checks them without bf16 rounding."""
+    if device.type == "cpu" and INTERPRET:
+        return (torch.bfloat16, torch.float32)
+    return (torch.bfloat16,)
 
 
 def _normalized(g: torch.Tensor, eps: float, dtype: torch.dtype) -> torch.Tensor:
@@ -267,14 +303,16 @@ def _iterate_torch(x: torch.Tensor, steps: int, coefficients) -> torch.Tensor:
 def _iterate_triton(x: torch.Tensor, steps: int, coefficients) -> torch.Tensor:
     a, b, c = coefficients
     batch, rows, cols = x.shape
-    gram = _new_buffer((batch, rows, rows), dtype=x.dtype, device=x.device)
-    s = _new_buffer((batch, rows, rows), dtype=x.dtype, device=x.device)
+    x = pad(x)
+    padded_rows = x.shape[1]
+    gram = _new_buffer((batch, padded_rows, padded_rows), dtype=x.dtype, device=x.device)
+    s = _new_buffer((batch, padded_rows, padded_rows), dtype=x.dtype, device=x.device)
     spare = _new_buffer(x.shape, dtype=x.dtype, device=x.device)
     for _ in range(steps):
-        sym_gram(x, out=gram)
-        sym_gram(gram, gram, alpha=c, beta=b, out=s)
-        x, spare = ns_update(x, s, a, out=spare), x
-    return x
+        sym_gram(x, out=gram, rows=rows)
+        sym_gram(gram, gram, alpha=c, beta=b, out=s, rows=rows)
+        x, spare = ns_update(x, s, a, out=spare, rows=rows), x
+    return x[:, :rows, :cols]
 
 
 def _orthogonalize(
@@ -322,82 +360,94 @@ def newton_schulz(
     """The orthogonalized ``g`` ((M, N) or a (B, M, N) batch of one shape), in ``dtype``.
 
     Each matrix is divided by its Frobenius norm (at least ``eps``) in fp32, cast to ``dtype``
-    (bf16 or fp32 for the kernel) and iterated ``steps`` times. A batch with more rows than
+    and iterated ``steps`` times: by the kernels for bf16 (CUDA; bf16 or fp32 under the
+    interpreter), by PyTorch matmuls otherwise. A batch with more rows than
     columns is transposed for the iteration and the result transposed back (a view).
     """
-    triton_path = use_triton(g, backend) and dtype in _KERNEL_DTYPES
+    triton_path = use_triton(g, backend) and dtype in _kernel_dtypes(g.device)
     return _orthogonalize(g, steps, coefficients, eps, dtype, triton_path)
 
 
 def sm90_builds() -> list[dict[str, Any]]:
-    """Every compile the GPU path can launch: both tile configs, bf16 and fp32 operands."""
+    """Every compile the GPU path can launch: both tile configs, bf16 operands."""
     builds = []
     for config, (block_m, block_n, block_k, num_warps, num_stages) in GPU_CONFIGS.items():
-        for dtype in _KERNEL_DTYPES.values():
-            t = f"*{dtype}"
-            common = {"num_warps": num_warps, "num_stages": num_stages, "matrix": True}
-            for has_z in (False, True):
-                builds.append(
-                    {
-                        "name": f"ns_gram{'_axpy' if has_z else ''}_{config}_{dtype}",
-                        "fn": _sym_gram_kernel,
-                        "signature": {
-                            "y_ptr": t,
-                            "z_ptr": t,
-                            "out_ptr": t,
-                            "tiles_ptr": "*i32",
-                            "M": "i32",
-                            "K": "i32",
-                            "stride_yb": "i64",
-                            "stride_ym": "i32",
-                            "stride_ob": "i64",
-                            "stride_om": "i32",
-                            "alpha": "fp32",
-                            "beta": "fp32",
-                            "HAS_Z": "constexpr",
-                            "UPCAST": "constexpr",
-                            "BLOCK": "constexpr",
-                            "BLOCK_K": "constexpr",
-                        },
-                        "constexprs": {
-                            "HAS_Z": has_z,
-                            "UPCAST": False,
-                            "BLOCK": block_m,
-                            "BLOCK_K": block_k,
-                        },
-                        **common,
-                    }
-                )
+        t = "*bf16"
+        common = {"num_warps": num_warps, "num_stages": num_stages, "matrix": True}
+        for has_z in (False, True):
             builds.append(
                 {
-                    "name": f"ns_update_{config}_{dtype}",
-                    "fn": _ns_update_kernel,
+                    "name": f"ns_gram{'_axpy' if has_z else ''}_{config}_bf16",
+                    "fn": _sym_gram_kernel,
                     "signature": {
-                        "x_ptr": t,
-                        "s_ptr": t,
+                        "y_ptr": t,
+                        "z_ptr": t,
                         "out_ptr": t,
-                        "M": "i32",
-                        "N": "i32",
-                        "stride_xb": "i64",
-                        "stride_xm": "i32",
-                        "stride_sb": "i64",
-                        "stride_sm": "i32",
-                        "a": "fp32",
+                        "tiles_ptr": "*i32",
+                        "K": "i32",
+                        "stride_yb": "i64",
+                        "stride_ym": "i32",
+                        "stride_ob": "i64",
+                        "stride_om": "i32",
+                        "alpha": "fp32",
+                        "beta": "fp32",
+                        "HAS_Z": "constexpr",
                         "UPCAST": "constexpr",
-                        "BLOCK_M": "constexpr",
-                        "BLOCK_N": "constexpr",
+                        "BLOCK": "constexpr",
                         "BLOCK_K": "constexpr",
                     },
                     "constexprs": {
+                        "HAS_Z": has_z,
                         "UPCAST": False,
-                        "BLOCK_M": block_m,
-                        "BLOCK_N": block_n,
+                        "BLOCK": block_m,
                         "BLOCK_K": block_k,
                     },
+                    # Padded sizes and strides are multiples of the tiles, as the launcher sees.
+                    "divisible_by_16": ["y_ptr", "z_ptr", "out_ptr", "tiles_ptr", "K",
+                                        "stride_yb", "stride_ym", "stride_ob", "stride_om"],
                     **common,
                 }
-            )
+            )  # fmt: skip
+        builds.append(
+            {
+                "name": f"ns_update_{config}_bf16",
+                "fn": _ns_update_kernel,
+                "signature": {
+                    "x_ptr": t,
+                    "s_ptr": t,
+                    "out_ptr": t,
+                    "M": "i32",
+                    "N": "i32",
+                    "stride_xb": "i64",
+                    "stride_xm": "i32",
+                    "stride_sb": "i64",
+                    "stride_sm": "i32",
+                    "a": "fp32",
+                    "UPCAST": "constexpr",
+                    "BLOCK_M": "constexpr",
+                    "BLOCK_N": "constexpr",
+                    "BLOCK_K": "constexpr",
+                },
+                "constexprs": {
+                    "UPCAST": False,
+                    "BLOCK_M": block_m,
+                    "BLOCK_N": block_n,
+                    "BLOCK_K": block_k,
+                },
+                "divisible_by_16": ["x_ptr", "s_ptr", "out_ptr", "M", "N",
+                                    "stride_xb", "stride_xm", "stride_sb", "stride_sm"],
+                **common,
+            }
+        )  # fmt: skip
     return builds
 
 
-__all__ = ["newton_schulz", "newton_schulz_reference", "ns_update", "sym_gram", "sm90_builds"]
+__all__ = [
+    "newton_schulz",
+    "newton_schulz_reference",
+    "ns_update",
+    "pad",
+    "padded_shape",
+    "sm90_builds",
+    "sym_gram",
+]
