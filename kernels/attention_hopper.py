@@ -104,15 +104,32 @@ _FWD_KEEP = {
     64: {0, 1, 2, 3, 4, 5},
     128: {0, 1, 2, 4},
 }
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) of the dK/dV(+dQ) kernel, the delta pre-pass and the
-# dQ conversion per head dim: key blocks of 128 rows against query blocks of 64.
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) of the dK/dV(+dQ) kernel without and with documents,
+# the delta pre-pass and the dQ conversion per head dim. Query blocks of 64 rows; key blocks of
+# 128 at D=64, of 64 at D=128, where the two fp32 accumulators (dK, dV) and the dQ tile
+# otherwise spill; the document build at D=128 (five loops) fits only with query blocks of 32.
 _BWD_TILES = {
-    64: {"dkdv": (64, 128, 8, 2), "delta": (128, 0, 4, 1), "dq_convert": (64, 0, 4, 1)},
-    128: {"dkdv": (64, 128, 8, 2), "delta": (128, 0, 8, 1), "dq_convert": (64, 0, 4, 1)},
+    64: {
+        "dkdv": (64, 128, 8, 2),
+        "dkdv_doc": (64, 128, 8, 2),
+        "delta": (128, 0, 4, 1),
+        "dq_convert": (64, 0, 4, 1),
+    },
+    128: {
+        "dkdv": (64, 64, 8, 2),
+        "dkdv_doc": (32, 128, 8, 2),
+        "delta": (128, 0, 8, 1),
+        "dq_convert": (64, 0, 4, 1),
+    },
 }
 # The interpreter: one configuration, small tiles so small test shapes have ragged edges.
 _INTERPRET_FWD = (32, 32, 4, 1, False)
-_INTERPRET_BWD = {"dkdv": (32, 32, 4, 1), "delta": (32, 0, 4, 1), "dq_convert": (32, 0, 4, 1)}
+_INTERPRET_BWD = {
+    "dkdv": (32, 32, 4, 1),
+    "dkdv_doc": (32, 32, 4, 1),
+    "delta": (32, 0, 4, 1),
+    "dq_convert": (32, 0, 4, 1),
+}
 
 
 def _fwd_config(entry):
@@ -286,7 +303,7 @@ def _backward(do, q, k, v, o, lse, docs, causal: bool, scale: float):
     dq_acc = torch.zeros((B, H, T, D), dtype=torch.float32, device=q.device)
     dk = _fa2._empty(k.shape, dtype=k.dtype, device=k.device)
     dv = _fa2._empty(v.shape, dtype=v.dtype, device=v.device)
-    bm, bn, warps, stages = tiles["dkdv"]
+    bm, bn, warps, stages = tiles["dkdv_doc" if docs[0] is not None else "dkdv"]
     args = (
         q, k, v, do, lse, delta, dq_acc, dk, dv, *doc,
         *_fa2._bh_strides(q), *_fa2._bh_strides(k), *_fa2._bh_strides(v),
@@ -296,7 +313,7 @@ def _backward(do, q, k, v, o, lse, docs, causal: bool, scale: float):
     consts = dict(HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, CAUSAL=causal, HAS_DOC=docs[0] is not None)
     _ensure_allocator()
     _hopper_bwd_kernel[(B * Hkv, triton.cdiv(S, bn))](
-        *args, **consts, UPCAST=upcast, num_warps=warps, num_stages=stages
+        *args, **consts, DQ_TMA=not INTERPRET, UPCAST=upcast, num_warps=warps, num_stages=stages
     )
 
     dq = _fa2._empty(q.shape, dtype=q.dtype, device=q.device)
@@ -538,11 +555,15 @@ if triton is not None and HAS_DESCRIPTORS:
         k_doc,
         q_desc,
         do_desc,
-        h,
-        lse_row,
-        delta_row,
-        dq_row,
+        dq_desc,
+        LSE,
+        DELTA,
+        DQ_ACC,
         doc_row,
+        b,
+        hk,
+        H,
+        GROUP,
         start,
         end,
         T,
@@ -552,19 +573,27 @@ if triton is not None and HAS_DESCRIPTORS:
         BLOCK_M: tl.constexpr,
         MASK_CAUSAL: tl.constexpr,
         MASK_DOC: tl.constexpr,
+        DQ_TMA: tl.constexpr,
         UPCAST: tl.constexpr,
     ):
-        """Add query blocks [start, end) of head ``h`` to one key block's dK, dV, and their dQ.
+        """Add query blocks [start, end) of the GROUP heads sharing kv head ``hk`` to one key
+        block's dK, dV, and their dQ.
 
         Five products per block, keys as rows: S^T = K Q^T, dV += P^T dO, dP^T = V dO^T,
-        dK += dS^T Q, and dQ += dS K, added with fp32 atomics (dQ is needed by every key block,
-        so no program owns it). Query rows past T load as zeros and add nothing; their dQ rows
-        are masked.
+        dK += dS^T Q, and dQ += dS K, added to an fp32 buffer (dQ is needed by every key block,
+        so no program owns it). One flat loop over (head, block) pairs, not a loop per head:
+        nested loops cost registers the Hopper tiles do not have. Query rows past T load as
+        zeros and add nothing; their dQ rows are masked (or clipped by the TMA copy).
         """
         offs_m = tl.arange(0, BLOCK_M)
         cols = tl.arange(0, HEAD_DIM)
         dq_offs = offs_m[:, None] * HEAD_DIM + cols[None, :]
-        for start_m in range(start, end, BLOCK_M):
+        n_blocks = tl.cdiv(tl.maximum(end - start, 0), BLOCK_M)
+        for it in range(0, GROUP * n_blocks):
+            g = it // n_blocks
+            start_m = start + (it - g * n_blocks) * BLOCK_M
+            h = (hk * GROUP + g).to(tl.int32)
+            bh = b * H + h  # int64
             rows = start_m + offs_m
             in_rows = rows < T
             q = q_desc.load([h, start_m, 0]).reshape(BLOCK_M, HEAD_DIM)
@@ -572,8 +601,8 @@ if triton is not None and HAS_DESCRIPTORS:
             if UPCAST:
                 q = q.to(tl.float32)
                 do = do.to(tl.float32)
-            lse = tl.load(lse_row + rows, mask=in_rows, other=0.0)
-            delta = tl.load(delta_row + rows, mask=in_rows, other=0.0)
+            lse = tl.load(LSE + bh * T + rows, mask=in_rows, other=0.0)
+            delta = tl.load(DELTA + bh * T + rows, mask=in_rows, other=0.0)
             p_t = tl.math.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :])
             if MASK_CAUSAL:
                 p_t = tl.where(keys[:, None] <= rows[None, :] + (S - T), p_t, 0.0)
@@ -585,8 +614,11 @@ if triton is not None and HAS_DESCRIPTORS:
             ds_t = ds_t.to(q.dtype)
             dk = tl.dot(ds_t, q, dk)
             dq = tl.dot(tl.trans(ds_t), k)
-            dq_ptrs = dq_row + tl.cast(start_m, tl.int64) * HEAD_DIM + dq_offs
-            tl.atomic_add(dq_ptrs, dq, mask=in_rows[:, None], sem="relaxed")
+            if DQ_TMA:  # one TMA reduce-add of the tile; rows past T are clipped by the copy
+                dq_desc.atomic_add([h, start_m, 0], dq.reshape(1, BLOCK_M, HEAD_DIM))
+            else:
+                dq_ptrs = DQ_ACC + (bh * T + start_m) * HEAD_DIM + dq_offs
+                tl.atomic_add(dq_ptrs, dq, mask=in_rows[:, None], sem="relaxed")
         return dk, dv
 
     @triton.jit
@@ -634,6 +666,7 @@ if triton is not None and HAS_DESCRIPTORS:
         BLOCK_N: tl.constexpr,
         CAUSAL: tl.constexpr,
         HAS_DOC: tl.constexpr,
+        DQ_TMA: tl.constexpr,
         UPCAST: tl.constexpr,
     ):
         """dK, dV of one key block of one kv head (summed over its GROUP query heads) and the
@@ -663,6 +696,12 @@ if triton is not None and HAS_DESCRIPTORS:
         )  # fmt: skip
         do_desc = tl.make_tensor_descriptor(
             DO + b * stride_dob, shape=[H, T, HEAD_DIM], strides=[stride_doh, stride_dot, 1],
+            block_shape=[1, BLOCK_M, HEAD_DIM],
+        )  # fmt: skip
+        # dQ's fp32 accumulator (B, H, T, D), added to by TMA reduce on the GPU (DQ_TMA; the
+        # interpreter has no descriptor reductions and uses element atomics).
+        dq_desc = tl.make_tensor_descriptor(
+            DQ_ACC + b * H * T * HEAD_DIM, shape=[H, T, HEAD_DIM], strides=[T * HEAD_DIM, HEAD_DIM, 1],
             block_shape=[1, BLOCK_M, HEAD_DIM],
         )  # fmt: skip
         k = k_desc.load([start_n, 0])
@@ -706,42 +745,33 @@ if triton is not None and HAS_DESCRIPTORS:
         qk_scale = scale * 1.4426950408889634
         dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
         dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
-        for g in range(0, GROUP):
-            h = hk * GROUP + g
-            lse_row = LSE + (b * H + h) * T
-            delta_row = DELTA + (b * H + h) * T
-            dq_row = DQ_ACC + (b * H + h) * T * HEAD_DIM
-            hi32 = h.to(tl.int32)
-            if CAUSAL:
-                dk, dv = _bwd_blocks(
-                    dk, dv, k, v, keys, k_doc, q_desc, do_desc, hi32, lse_row, delta_row, dq_row,
-                    doc_row, lo, diag_doc, T, S, qk_scale, HEAD_DIM, BLOCK_M, True, False, UPCAST,
-                )  # fmt: skip
-                dk, dv = _bwd_blocks(
-                    dk, dv, k, v, keys, k_doc, q_desc, do_desc, hi32, lse_row, delta_row, dq_row,
-                    doc_row, diag_doc, diag, T, S, qk_scale, HEAD_DIM, BLOCK_M, True, HAS_DOC,
-                    UPCAST,
-                )  # fmt: skip
-            if HAS_DOC:
-                dk, dv = _bwd_blocks(
-                    dk, dv, k, v, keys, k_doc, q_desc, do_desc, hi32, lse_row, delta_row, dq_row,
-                    doc_row, diag, full_lo, T, S, qk_scale, HEAD_DIM, BLOCK_M, False, True,
-                    UPCAST,
-                )  # fmt: skip
-                dk, dv = _bwd_blocks(
-                    dk, dv, k, v, keys, k_doc, q_desc, do_desc, hi32, lse_row, delta_row, dq_row,
-                    doc_row, full_lo, full_hi, T, S, qk_scale, HEAD_DIM, BLOCK_M, False, False,
-                    UPCAST,
-                )  # fmt: skip
-                dk, dv = _bwd_blocks(
-                    dk, dv, k, v, keys, k_doc, q_desc, do_desc, hi32, lse_row, delta_row, dq_row,
-                    doc_row, full_hi, hi, T, S, qk_scale, HEAD_DIM, BLOCK_M, False, True, UPCAST,
-                )  # fmt: skip
-            else:
-                dk, dv = _bwd_blocks(
-                    dk, dv, k, v, keys, k_doc, q_desc, do_desc, hi32, lse_row, delta_row, dq_row,
-                    doc_row, diag, hi, T, S, qk_scale, HEAD_DIM, BLOCK_M, False, False, UPCAST,
-                )  # fmt: skip
+        if CAUSAL:
+            dk, dv = _bwd_blocks(
+                dk, dv, k, v, keys, k_doc, q_desc, do_desc, dq_desc, LSE, DELTA, DQ_ACC, doc_row, b, hk, H,
+                GROUP, lo, diag_doc, T, S, qk_scale, HEAD_DIM, BLOCK_M, True, False, DQ_TMA, UPCAST,
+            )  # fmt: skip
+            dk, dv = _bwd_blocks(
+                dk, dv, k, v, keys, k_doc, q_desc, do_desc, dq_desc, LSE, DELTA, DQ_ACC, doc_row, b, hk, H,
+                GROUP, diag_doc, diag, T, S, qk_scale, HEAD_DIM, BLOCK_M, True, HAS_DOC, DQ_TMA, UPCAST,
+            )  # fmt: skip
+        if HAS_DOC:
+            dk, dv = _bwd_blocks(
+                dk, dv, k, v, keys, k_doc, q_desc, do_desc, dq_desc, LSE, DELTA, DQ_ACC, doc_row, b, hk, H,
+                GROUP, diag, full_lo, T, S, qk_scale, HEAD_DIM, BLOCK_M, False, True, DQ_TMA, UPCAST,
+            )  # fmt: skip
+            dk, dv = _bwd_blocks(
+                dk, dv, k, v, keys, k_doc, q_desc, do_desc, dq_desc, LSE, DELTA, DQ_ACC, doc_row, b, hk, H,
+                GROUP, full_lo, full_hi, T, S, qk_scale, HEAD_DIM, BLOCK_M, False, False, DQ_TMA, UPCAST,
+            )  # fmt: skip
+            dk, dv = _bwd_blocks(
+                dk, dv, k, v, keys, k_doc, q_desc, do_desc, dq_desc, LSE, DELTA, DQ_ACC, doc_row, b, hk, H,
+                GROUP, full_hi, hi, T, S, qk_scale, HEAD_DIM, BLOCK_M, False, True, DQ_TMA, UPCAST,
+            )  # fmt: skip
+        else:
+            dk, dv = _bwd_blocks(
+                dk, dv, k, v, keys, k_doc, q_desc, do_desc, dq_desc, LSE, DELTA, DQ_ACC, doc_row, b, hk, H,
+                GROUP, diag, hi, T, S, qk_scale, HEAD_DIM, BLOCK_M, False, False, DQ_TMA, UPCAST,
+            )  # fmt: skip
 
         dk_desc = tl.make_tensor_descriptor(
             DK + b * stride_dkb + hk * stride_dkh, shape=[S, HEAD_DIM], strides=[stride_dkt, 1],
@@ -797,8 +827,9 @@ if triton is not None and HAS_DESCRIPTORS:
 
 def sm90_builds() -> list[dict]:
     """Every configuration the GPU path can launch, for scripts/check_kernels_sm90.py: each
-    forward autotuning candidate kept for its head dim (bf16; fp16 for the first candidate),
-    the backward and the dQ conversion."""
+    forward autotuning candidate kept for its head dim and flags, the backward and the dQ
+    conversion, in bf16; fp16 (the same code with another operand type) for the first forward
+    candidate and the backward without documents."""
     if triton is None or not HAS_DESCRIPTORS:
         return []
     builds = []
@@ -821,8 +852,10 @@ def sm90_builds() -> list[dict]:
                                 f"w{cfg.num_warps}s{cfg.num_stages}{'_ws' if kw['WARP_SPEC'] else ''}")  # fmt: skip
                         builds.append(_build(name, _hopper_fwd_kernel, dtype, cfg.num_warps,
                                              cfg.num_stages, dict(base, **kw), matrix=True))  # fmt: skip
-                    bm, bn, warps, stages = tiles["dkdv"]
-                    consts = dict(base, BLOCK_M=bm, BLOCK_N=bn)
+                    if dtype == "fp16" and has_doc:  # the bf16 builds cover the tiles
+                        continue
+                    bm, bn, warps, stages = tiles["dkdv_doc" if has_doc else "dkdv"]
+                    consts = dict(base, BLOCK_M=bm, BLOCK_N=bn, DQ_TMA=True)
                     builds.append(_build(f"bwd_d{d}_{dtype}_{flags}", _hopper_bwd_kernel, dtype,
                                          warps, stages, consts, matrix=True))  # fmt: skip
     return builds
