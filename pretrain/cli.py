@@ -16,7 +16,7 @@ import sys
 from pretrain.errors import UserError
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "prepare": ("pretrain.data", "tokenize raw text into checksummed token shards"),
+    "prepare": ("pretrain.data.cli", "tokenize raw text into checksummed token shards"),
     "train": ("pretrain.train", "pretrain a model (also under torchrun)"),
     "finetune": ("pretrain.finetune", "supervised fine-tuning from a checkpoint or an export"),
     "export": ("pretrain.export", "freeze a checkpoint into a Hugging Face Llama directory"),

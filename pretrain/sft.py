@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pretrain.data.loader import Batch, Loader
 from pretrain.errors import UserError
 from pretrain.tokenizer import CHAT_TEMPLATE, END_OF_TURN, EOS_TOKEN, ROLE_TOKENS
 
@@ -382,7 +383,7 @@ def collate(
     )
 
 
-class SFTLoader:
+class SFTLoader(Loader):
     """An endless, deterministic stream of fine-tuning batches for one rank.
 
     Every epoch shuffles the documents with ``(seed, epoch)`` (when ``shuffle``) and groups them
@@ -445,9 +446,7 @@ class SFTLoader:
     def __iter__(self) -> SFTLoader:
         return self
 
-    def __next__(self):
-        from pretrain.data import Batch
-
+    def __next__(self) -> Batch:
         batch_rows: list[list[int]] = []
         while len(batch_rows) < self.global_batch_size:
             rows = self.rows_of_epoch(self.epoch)

@@ -537,7 +537,7 @@ def test_token_ids_at_or_past_the_vocabulary_are_refused(tmp_path, sharded, monk
         TokenLoader(data, seq_len=8, batch_size=2)
 
     # The largest id is computed with the checksum, once per file and process.
-    import pretrain.data as data_module
+    import pretrain.data.format as data_module
 
     edit_manifest(data, vocab_size=top + 1)
     fresh = copy_dataset(data, tmp_path / "fresh")  # new files: not verified in this process yet
@@ -593,7 +593,12 @@ def stdlib_tokenizer():
 
 
 def test_a_long_document_split_into_pieces_encodes_to_the_same_ids(stdlib_tokenizer):
-    from pretrain.data import PIECE_CHARS, _encode_documents, _make_encoder, split_long_text
+    from pretrain.data.tokenize import (
+        PIECE_CHARS,
+        _encode_documents,
+        _make_encoder,
+        split_long_text,
+    )
 
     code = stdlib_text(700_000)
     doc = (
