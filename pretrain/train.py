@@ -486,15 +486,16 @@ def _param_dtype(config, device: torch.device) -> torch.dtype:
 
 def _data_loaders(config, dist_info: DistInfo):
     """TokenLoader factories over ``data.path``, after checking the data against the model."""
-    from pretrain.data import TokenLoader, load_manifest
+    from pretrain.data import TokenLoader, VerifiedShards, load_manifest
 
+    verified = VerifiedShards()  # every loader made here skips the files another one hashed
     data_dir = Path(config.data.path)
     if not data_dir.is_dir():
         raise UserError(
             f"data directory not found: {data_dir}; prepare one with `pretrain prepare` "
             "or point --data at a prepared directory"
         )
-    manifest = load_manifest(data_dir)
+    manifest = load_manifest(data_dir, verified)
     if manifest.vocab_size != config.model.vocab_size:
         raise UserError(
             f"{data_dir} was prepared with a vocabulary of {manifest.vocab_size} tokens but "
@@ -514,6 +515,7 @@ def _data_loaders(config, dist_info: DistInfo):
                 seed=config.train.seed,
                 num_workers=config.data.num_workers,
                 return_doc_ids=config.model.doc_mask,
+                verified=verified,
             )
 
         return factory
