@@ -20,7 +20,11 @@ from kernels.newton_schulz import newton_schulz, newton_schulz_reference
 # The package exports functions named like these modules, so import the modules by name.
 ns = importlib.import_module("kernels.newton_schulz")
 muon_module = importlib.import_module("kernels.muon")
-torch_muon = pytest.importorskip("torch.optim._muon", reason="torch.optim.Muon needs torch >= 2.9")
+try:
+    torch_muon = importlib.import_module("torch.optim._muon")
+except ImportError:  # torch.optim.Muon arrived in torch 2.9; the kernel tests run without it
+    torch_muon = None
+needs_torch_muon = pytest.mark.skipif(torch_muon is None, reason="torch.optim.Muon is missing")
 A, B, C = ns.DEFAULT_COEFFICIENTS
 
 
@@ -107,6 +111,7 @@ def test_bf16_iteration_is_as_close_to_float64_as_torch_bf16(poisoned):
     assert _rel_err(got, want) <= 2 * torch_err
 
 
+@needs_torch_muon
 def test_reference_is_torch_muons_iteration():
     """The PyTorch path in bf16 is torch.optim.Muon's own function, up to the normalization
     (ours divides by the norm in fp32, torch's in bf16)."""
@@ -153,6 +158,8 @@ def _train_together(models, optimizers, steps, seed=1):
 @pytest.fixture
 def exact_torch_muon(monkeypatch):
     """torch.optim.Muon with its bf16 iteration replaced by the float64 one."""
+    if torch_muon is None:
+        pytest.skip("torch.optim.Muon is missing")
     monkeypatch.setattr(
         torch_muon,
         "_zeropower_via_newtonschulz",
@@ -200,6 +207,7 @@ def test_triton_steps_match_torch_muon_exactly_in_fp32(steps, exact_torch_muon, 
     assert _max_diff(*models) <= 1e-6
 
 
+@needs_torch_muon
 def test_bf16_steps_are_as_close_to_torch_muon_as_torch_muon_is_to_exact(monkeypatch):
     """Both iterate in bf16 and round differently, so they cannot agree bit for bit; ours must
     be no further from torch's bf16 run than torch's is from the exact (float64) run."""
