@@ -41,7 +41,12 @@ from pretrain.data.format import (
     token_dtype_for,
 )
 from pretrain.data.sources import TEXT_FIELD, Source, iter_documents, resolve_inputs
-from pretrain.data.tokenize import _batches, default_num_proc, split_long_text, tokenize_batches
+from pretrain.data.tokenize import (
+    default_num_proc,
+    split_long_text,
+    text_batches,
+    tokenize_batches,
+)
 from pretrain.errors import UserError
 from pretrain.tokenizer import (
     EOS_TOKEN,
@@ -313,7 +318,7 @@ def _write_shards(
     )
     eos_id = tok.token_to_id(EOS_TOKEN)
     for batch, flat, lengths in tokenize_batches(
-        tokenizer_json, _batches(texts), eos_id, dtype, o.num_proc
+        tokenizer_json, text_batches(texts), eos_id, dtype, o.num_proc
     ):
         pos = 0
         for text, n in zip(batch, lengths):

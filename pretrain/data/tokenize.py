@@ -136,7 +136,7 @@ def _encode_documents(
         pieces += parts
         owners += [doc] * len(parts)
     ids: list[np.ndarray] = []
-    for group in _batches(pieces, BATCH_TEXT_CHARS if limit is not None else 1 << 62):
+    for group in text_batches(pieces, BATCH_TEXT_CHARS if limit is not None else 1 << 62):
         for e in tokenizer.encode_batch_fast(group, add_special_tokens=False):
             ids.append(np.asarray(e.ids, dtype=dtype))
     return _join_with_eos(len(texts), owners, ids, eos_id, dtype)
@@ -160,7 +160,7 @@ def _join_with_eos(
     return flat, lengths
 
 
-def _batches(texts: Iterable[str], max_chars: int = BATCH_TEXT_CHARS) -> Iterator[list[str]]:
+def text_batches(texts: Iterable[str], max_chars: int = BATCH_TEXT_CHARS) -> Iterator[list[str]]:
     """Consecutive texts grouped into lists of about ``max_chars`` characters."""
     batch: list[str] = []
     chars = 0
