@@ -83,9 +83,9 @@ def test_crafted_metadata_is_refused_and_its_payload_never_runs(base, tiny_datas
         proc = subprocess.run(train_cmd(tiny_dataset, tmp_path / "run", f"--checkpoint.{how}",
                                         str(evil)), cwd=ROOT, env=env(), capture_output=True,
                               text=True, timeout=300)  # fmt: skip
+    assert not marker.exists()  # the payload never ran
     line = _one_line_error(proc, str(evil), "refused", "posix.system")
     assert "not part of DCP checkpoint metadata" in line
-    assert not marker.exists()
 
 
 def _resave(step_dir, dest, **entries):
@@ -128,25 +128,28 @@ def _legacy_trainer_blob(step_dir):
     return buffer.getvalue()
 
 
-def test_pickled_entries_are_read_as_plain_data_only(base, tiny_dataset, tmp_path):
+def test_a_pickled_entry_that_would_run_code_is_refused(base, tiny_dataset, tmp_path):
+    marker = tmp_path / "PWNED"
+    evil_run = tmp_path / "evil"
+    evil = evil_run / "checkpoints" / "step-000004"
+    _resave(base / "checkpoints" / "step-000004", evil, trainer=_Payload(marker))
+    (evil / "trainer.json").unlink(missing_ok=True)  # an older checkpoint's layout
+    (evil_run / "checkpoints" / "latest").write_text("step-000004\n")
+    proc = run_train(tiny_dataset, evil_run, *STEPS_4_AND_8, "--checkpoint.resume", "auto",
+                     check=False)  # fmt: skip
+    assert not marker.exists()  # the payload never ran
+    _one_line_error(proc, str(evil), "not plain data", "refused")
+
+
+def test_an_older_checkpoint_with_a_pickled_trainer_entry_still_resumes_exactly(
+    base, tiny_dataset, tmp_path
+):
     step = base / "checkpoints" / "step-000004"
-    # An older checkpoint (pickled trainer entry of plain data, no trainer.json) still resumes
-    # and continues exactly like the run it came from.
     old_run = tmp_path / "old"
     _resave(step, old_run / "checkpoints" / "step-000004", trainer=_legacy_trainer_blob(step))
     (old_run / "checkpoints" / "latest").write_text("step-000004\n")
     run_train(tiny_dataset, old_run, *STEPS_4_AND_8, "--checkpoint.resume", "auto")
     assert losses(old_run) == {s: v for s, v in losses(base).items() if s > 4}
-    # A pickled entry that would run code is refused, and the code never runs.
-    marker = tmp_path / "PWNED"
-    evil_run = tmp_path / "evil"
-    evil = evil_run / "checkpoints" / "step-000004"
-    _resave(step, evil, trainer=_Payload(marker))
-    (evil_run / "checkpoints" / "latest").write_text("step-000004\n")
-    proc = run_train(tiny_dataset, evil_run, *STEPS_4_AND_8, "--checkpoint.resume", "auto",
-                     check=False)  # fmt: skip
-    _one_line_error(proc, str(evil), "not plain data", "refused")
-    assert not marker.exists()
 
 
 # --------------------------------------------------------------------------- the run lock
@@ -172,7 +175,8 @@ def test_second_trainer_is_refused_and_a_dead_holders_lock_is_taken_over(tiny_da
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     try:
         _wait_for_metrics(first, run, lines=2)
-        second = run_train(tiny_dataset, run, *LONG, "--train.seed", "7", check=False)
+        second = run_train(tiny_dataset, run, *LONG, "--train.seed", "7", "--train.steps", "3",
+                           check=False)  # fmt: skip
         _one_line_error(second, str(run), "in use by another trainer",
                         f"host {socket.gethostname()}", f"pid {first.pid}")  # fmt: skip
         assert first.poll() is None  # the first trainer goes on undisturbed
@@ -222,9 +226,9 @@ def test_resume_from_an_older_step_sets_the_later_ones_aside_and_keeps_latest(
                      "--checkpoint.every", "0", "--checkpoint.keep_last", "1",
                      "--checkpoint.resume", str(ckpts / "step-000004"),
                      "--train.stop_at", "6")  # fmt: skip
-    assert "abandoned timeline" in proc.stdout and "step-000008" in proc.stdout
     assert (ckpts / "latest").read_text().strip() == "step-000006"
     assert (ckpts / "step-000006" / ".metadata").is_file()
+    assert "abandoned timeline" in proc.stdout and "step-000008" in proc.stdout
     (aside,) = ckpts.glob("abandoned-*")
     assert (aside / "step-000008" / ".metadata").is_file()  # kept, not deleted
     assert sorted(p.name for p in ckpts.iterdir() if p.name.startswith("step-")) == ["step-000006"]
