@@ -25,6 +25,10 @@ benchmarked inputs:
   (``grad_weight += logits.t() @ h``, a vocab x hidden half-precision temporary per chunk).
 - decode_attention: split-KV vs the single-pass decode kernel at long context and small batches
   (bf16, GQA group 4, D = 128): time and achieved GB/s of the KV cache read.
+- muon: the Newton-Schulz iteration (5 steps, bf16) of ``kernels.newton_schulz`` per batch of
+  llama-1b's hidden matrices of one shape vs the same iteration in batched PyTorch matmuls and
+  torch.optim.Muon's own function (one matrix at a time), with nominal TFLOP/s and the error
+  against float64; then a whole ``kernels.Muon`` step vs a ``torch.optim.Muon`` step.
 
 Usage::
 
@@ -71,7 +75,7 @@ if str(ROOT) not in sys.path:
 import kernels  # noqa: E402
 from kernels.adamw import AdamW  # noqa: E402
 
-SECTIONS = ("attention", "adamw", "linear_cross_entropy", "pointwise", "decode_attention")
+SECTIONS = ("attention", "adamw", "linear_cross_entropy", "pointwise", "decode_attention", "muon")
 
 
 @dataclass
@@ -723,6 +727,121 @@ def bench_decode_case(setup: Setup, B: int, Hq: int, Hkv: int, n: int, D: int) -
     return rows
 
 
+# --------------------------------------------------------------------------- muon
+
+
+def muon_shapes(setup: Setup) -> list[tuple[int, int]]:
+    """The Muon matrices of llama-1b (a toy model in smoke): 2-D, not embed_tokens/lm_head."""
+    from pretrain.config import ModelConfig, load_config
+    from pretrain.model import Transformer
+
+    if setup.smoke:
+        cfg = ModelConfig(vocab_size=64, n_layers=1, d_model=32, n_heads=2, n_kv_heads=1)
+    else:
+        cfg = load_config(ROOT / "configs" / "llama-1b.toml").model
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    return [
+        tuple(p.shape)
+        for name, p in model.named_parameters()
+        if p.ndim == 2 and "embed_tokens" not in name and "lm_head" not in name
+    ]
+
+
+def ns_flops(batch: int, rows: int, cols: int, steps: int = 5) -> float:
+    """Nominal FLOPs of the iteration (full X Xᵀ and A², as a plain implementation does them)."""
+    m, n = min(rows, cols), max(rows, cols)
+    return batch * steps * (4 * m * m * n + 2 * m**3)
+
+
+def bench_muon(setup: Setup) -> list[dict]:
+    """The Newton-Schulz iteration per batch of equal (rows <= cols) shapes, then a whole step."""
+    from kernels.muon import Muon
+    from kernels.newton_schulz import newton_schulz, newton_schulz_reference
+
+    shapes = muon_shapes(setup)
+    batches: dict[tuple[int, int], int] = {}
+    for r, c in shapes:
+        key = (min(r, c), max(r, c))
+        batches[key] = batches.get(key, 0) + 1
+    torch_zeropower = getattr(
+        importlib.import_module("torch.optim._muon") if hasattr(torch.optim, "Muon") else None,
+        "_zeropower_via_newtonschulz",
+        None,
+    )
+    dtype = torch.bfloat16 if setup.cuda else torch.float32  # the interpreter's bf16 is wrong
+    if setup.smoke:  # the interpreter takes seconds per iteration: the widest batch only
+        widest = max(batches, key=lambda k: k[1])
+        batches = {widest: batches[widest]}
+    rows = []
+    for (m, n), count in progress(batches.items(), "muon"):
+        gen = torch.Generator(device=setup.device).manual_seed(0)
+        g = torch.randn(count, m, n, device=setup.device, generator=gen)
+        exact = newton_schulz_reference(g[:1].double(), dtype=torch.float64)
+        impls = {
+            "ours": lambda g=g: newton_schulz(g, dtype=dtype, backend="triton"),
+            "torch-batched": lambda g=g: newton_schulz_reference(g, dtype=torch.bfloat16),
+        }
+        if torch_zeropower is not None:  # torch.optim.Muon's own function, one matrix at a time
+            impls["torch-muon"] = lambda g=g: [
+                torch_zeropower(x, (3.4445, -4.7750, 2.0315), 5, 1e-7) for x in g
+            ]
+        base = {"shape": f"{count}x{m}x{n}"}
+        errs, shape_rows = {}, []
+        for name, run in impls.items():
+            row = {"impl": name, **base}
+            try:
+                out = run()
+                first = out[0] if isinstance(out, list) else out[:1]
+                errs[name] = ((first.double() - exact).abs().max() / exact.abs().max()).item()
+                ms = measure_ms(run, setup)
+            except Exception as exc:
+                shape_rows.append(row | {"error": error_text(exc)})
+                continue
+            shape_rows.append(row | {"ms": ms, "tflops": ns_flops(count, m, n) / ms / 1e9,
+                                     "max_rel_err": errs[name]})  # fmt: skip
+        # bf16 on the GPU: no worse than twice PyTorch's bf16 iteration; fp32 in smoke: ~exact.
+        limit = 2 * errs.get("torch-batched", 0.0) + 1e-3 if setup.cuda else 1e-4
+        for row in shape_rows:
+            if row["impl"] == "ours" and "error" not in row:
+                row["ok"] = row["max_rel_err"] <= limit
+        rows += shape_rows
+        free_memory(setup)
+    rows += bench_muon_step(setup, shapes, Muon)
+    return rows
+
+
+def bench_muon_step(setup: Setup, shapes, muon_cls) -> list[dict]:
+    """A whole optimizer step over every Muon matrix: ours (kernels, batched) vs torch.optim.Muon."""
+    hyper = {"lr": 0.02, "weight_decay": 0.1, "momentum": 0.95}
+    params = [torch.randn(s, device=setup.device) * 0.02 for s in shapes]
+    for p in params:
+        p.grad = torch.randn_like(p) * 1e-3
+    makers = {"ours-step": lambda: muon_cls(params, backend="triton", **hyper)}
+    if setup.smoke:  # fp32 iteration: bf16 is what the interpreter gets wrong
+        makers["ours-step"] = lambda: muon_cls(
+            params, backend="triton", ns_dtype=torch.float32, **hyper
+        )
+    if hasattr(torch.optim, "Muon"):
+        makers["torch-muon-step"] = lambda: torch.optim.Muon(params, **hyper)
+    rows = []
+    n_params = sum(p.numel() for p in params)
+    for name, make in makers.items():
+        row = {"impl": name, "shape": f"{len(params)} matrices, {n_params / 1e6:.1f}M"}
+        try:
+            opt = make()
+            if setup.cuda:  # creates the state outside the timing (measure_ms warms up too)
+                opt.step()
+            row["ms"] = measure_ms(opt.step, setup)
+            del opt
+        except Exception as exc:
+            row["error"] = error_text(exc)
+        finally:
+            free_memory(setup)
+        rows.append(row)
+    return rows
+
+
 # --------------------------------------------------------------------------- reporting
 
 
@@ -768,6 +887,7 @@ TABLES = {
     "linear_cross_entropy": ["impl", "tokens", "vocab", "hidden", "fwd_ms", "fwd_bwd_ms", "peak_mib", "ok"],
     "pointwise": ["op", "shape", "impl", "fwd_gbps", "fwd_bwd_gbps", "max_err", "ok"],
     "decode_attention": ["impl", "B", "context", "Hq", "Hkv", "D", "ms", "kv_gbps", "max_err", "ok"],
+    "muon": ["impl", "shape", "ms", "tflops", "max_rel_err", "ok"],
 }  # fmt: skip
 RUNNERS = {
     "attention": bench_attention,
@@ -775,6 +895,7 @@ RUNNERS = {
     "linear_cross_entropy": bench_linear_cross_entropy,
     "pointwise": bench_pointwise,
     "decode_attention": bench_decode_attention,
+    "muon": bench_muon,
 }
 
 

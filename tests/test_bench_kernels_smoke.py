@@ -66,6 +66,11 @@ def test_bench_kernels_smoke_runs_every_section(tmp_path):
     decode = report["decode_attention"]
     assert {r["impl"] for r in decode} == {"ours-split-kv", "ours-single-pass"}
     assert all(r["ok"] and r["ms"] > 0 for r in decode)
+    muon = {r["impl"]: r for r in report["muon"]}
+    assert muon["ours"]["ok"] and muon["ours"]["max_rel_err"] <= 1e-4  # fp32 in the interpreter
+    assert muon["torch-batched"]["ms"] > 0 and muon["ours-step"]["ms"] > 0
+    if "torch-muon-step" in muon:  # torch.optim.Muon exists from torch 2.9
+        assert muon["torch-muon-step"]["ms"] > 0 and muon["torch-muon"]["max_rel_err"] < 0.1
     assert "fwd_bwd_gbps" in proc.stdout and "all kernels correct" in proc.stdout
 
 
