@@ -23,6 +23,7 @@ The result is a normal checkpoint, with the init's tokenizer: ``pretrain export`
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -229,6 +230,7 @@ def finetune(config: Config, out_dir: str | Path, init: InitSource | None = None
 
     Returns the trainer's :class:`pretrain.train.TrainResult`.
     """
+    from pretrain.checkpoint import lock_run_dir
     from pretrain.train import train
 
     init = init or read_init(config.checkpoint.init_from)
@@ -250,24 +252,26 @@ def finetune(config: Config, out_dir: str | Path, init: InitSource | None = None
             config.eval.batches, math.ceil(val_rows / config.train.global_batch_size)
         )
     data.summary.update(rows_per_epoch=rows, steps=config.train.steps)
-    if main_rank:
-        print(data.summary["report"], flush=True)
-        print(
-            f"{rows} packed rows per epoch of {config.train.global_batch_size} per step: "
-            f"{config.train.steps} steps ({config.train.steps * config.train.global_batch_size / rows:.2f} epochs)"
-            if config.finetune.packing
-            else f"{rows} rows per epoch: {config.train.steps} steps",
-            flush=True,
+    # Lock --out before finetune_data.json goes into it; the trainer takes the lock again.
+    with lock_run_dir(out_dir) if main_rank else contextlib.nullcontext():
+        if main_rank:
+            print(data.summary["report"], flush=True)
+            print(
+                f"{rows} packed rows per epoch of {config.train.global_batch_size} per step: "
+                f"{config.train.steps} steps ({config.train.steps * config.train.global_batch_size / rows:.2f} epochs)"
+                if config.finetune.packing
+                else f"{rows} rows per epoch: {config.train.steps} steps",
+                flush=True,
+            )
+            _write_summary(Path(out_dir), data.summary)
+        return train(
+            config,
+            out_dir,
+            make_train_loader=train_loader,
+            make_val_loader=val_loader,
+            bytes_per_token=None,
+            tokenizer_path=init.tokenizer_path,
         )
-        _write_summary(Path(out_dir), data.summary)
-    return train(
-        config,
-        out_dir,
-        make_train_loader=train_loader,
-        make_val_loader=val_loader,
-        bytes_per_token=None,
-        tokenizer_path=init.tokenizer_path,
-    )
 
 
 def _write_summary(out_dir: Path, summary: dict[str, Any]) -> None:
