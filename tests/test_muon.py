@@ -419,6 +419,14 @@ def _fsdp_worker(rank: int, world_size: int, store_path: str) -> None:
                 buf.full_tensor(), ref_opt.state[ref_model[0].weight]["momentum_buffer"],
                 rtol=0, atol=1e-6,
             )  # fmt: skip
+        # Column sharding (tensor parallel's Shard(1)) would need another split: refused.
+        from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
+
+        mesh = init_device_mesh("cpu", (world_size,))
+        w = nn.Parameter(distribute_tensor(torch.randn(8, 6), mesh, [Shard(1)]))
+        w.grad = distribute_tensor(torch.randn(8, 6), mesh, [Shard(1)])
+        with pytest.raises(NotImplementedError, match="Shard"):
+            Muon([w], backend="torch").step()
     finally:
         dist.destroy_process_group()
 
