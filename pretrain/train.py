@@ -762,7 +762,8 @@ def _train(
     if dist_info.is_main and not progress.preempted:
         log.print(_summary_line(progress, t.steps, out_dir))
     log.close()
-    status.write(state, step=progress.step, checkpoint=progress.last_saved, signal=progress.signal)
+    saved = progress.last_saved or checkpointer.latest()  # a resumed run may have had no steps
+    status.write(state, step=progress.step, checkpoint=saved, signal=progress.signal)
     return TrainResult(
         out_dir=out_dir,
         step=progress.step,
@@ -1018,9 +1019,10 @@ def _train_until(run: _Run, progress: _Progress, stop_at: int) -> None:
                     run.log.print(f"step {step}: checkpoint postponed: {problem}")
             if signalled:
                 progress.preempted = True
-                progress.signal = reason or "a signal on another rank"
+                # asked again: the agent may have died after this rank looked, before another did
+                progress.signal = preemption.reason or "a signal on another rank"
                 run.log.print(
-                    f"preempted by {reason or 'a signal on another rank'}: "
+                    f"preempted by {progress.signal}: "
                     f"saved {progress.last_saved} at step {step}; rerun with "
                     "--checkpoint.resume auto to continue"
                 )

@@ -326,6 +326,17 @@ def test_a_finished_run_says_so_in_status_json(runs):
     assert status["checkpoint"] == str(runs["accum4"] / "checkpoints" / "step-000008")
 
 
+def test_resuming_a_finished_run_names_its_checkpoint(runs, tiny_dataset, tmp_path):
+    import shutil
+
+    again = tmp_path / "again"
+    shutil.copytree(runs["accum4"], again)
+    run_train(tiny_dataset, again, "--train.micro_batch_size", "2", "--checkpoint.resume", "auto")
+    status = _status(again)
+    assert status["state"] == "finished" and status["step"] == 8
+    assert status["checkpoint"] == str(again / "checkpoints" / "step-000008")
+
+
 def _workers_of(out) -> list[int]:
     """Trainer processes (any rank, any parent) still running for run directory ``out``."""
     import os
