@@ -4,7 +4,7 @@
 ``"triton"`` or ``"torch"``; see :mod:`kernels._backend`.
 """
 
-from kernels._backend import get_backend, set_backend, use_triton
+from kernels._backend import backend, get_backend, set_backend, use_triton
 from kernels.adamw import AdamW, clip_grad_scale
 from kernels.attention import attention, attention_reference
 from kernels.cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
@@ -23,6 +23,7 @@ __all__ = [
     "apply_rope_reference",
     "attention",
     "attention_reference",
+    "backend",
     "clip_grad_scale",
     "get_backend",
     "linear_cross_entropy",

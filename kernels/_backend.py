@@ -1,14 +1,17 @@
 """Which implementation an op runs: the Triton kernel or the PyTorch reference.
 
 The rule (ARCHITECTURE.md): Triton for CUDA tensors, the reference otherwise. A caller can force
-either with ``backend="triton"`` / ``backend="torch"`` on each op, or for the whole process with
+either with ``backend="triton"`` / ``backend="torch"`` on each op, for a block of code with
+``with backend(name):`` (the previous choice comes back on exit), or for the whole process with
 :func:`set_backend` or the ``KERNELS_BACKEND`` environment variable. Forcing Triton on CPU tensors
 needs ``TRITON_INTERPRET=1`` set before ``kernels`` is imported.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 import torch
 
@@ -35,6 +38,18 @@ def set_backend(name: str | None) -> None:
 
 def get_backend() -> str:
     return _forced
+
+
+@contextlib.contextmanager
+def backend(name: str | None) -> Iterator[None]:
+    """Run the block with every op forced onto ``name`` (see :func:`set_backend`), then restore
+    the choice that was in force before, so that one run does not decide for the next."""
+    previous = _forced
+    set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(previous)
 
 
 def use_triton(x: torch.Tensor, backend: str | None = None) -> bool:

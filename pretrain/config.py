@@ -18,7 +18,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -32,7 +32,8 @@ class ConfigError(UserError):
     """A config file or override that cannot be applied."""
 
 
-SCHEDULES = ("cosine", "linear", "wsd", "constant")
+Schedule = Literal["cosine", "linear", "wsd", "constant"]
+SCHEDULES: tuple[str, ...] = typing.get_args(Schedule)
 
 
 def _refuse(key: str, value: Any, allowed: str) -> None:
@@ -54,11 +55,6 @@ def _fraction(key: str, value: float, *, below_one: bool = False) -> None:
     """A value in [0, 1] (or [0, 1) when 1 itself makes no sense, e.g. an Adam beta)."""
     if not (0 <= value < 1 if below_one else 0 <= value <= 1):
         _refuse(key, value, "in [0, 1)" if below_one else "in [0, 1]")
-
-
-def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        _refuse(key, value, "one of " + ", ".join(choices))
 
 
 def _factor_or_off(key: str, value: float) -> None:
@@ -144,24 +140,24 @@ class TrainConfig:
     lr: float = 1e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 50
-    schedule: str = "cosine"  # cosine | linear | wsd | constant
+    schedule: Schedule = "cosine"
     decay_fraction: float = 0.2  # wsd: fraction of steps spent decaying
     grad_clip: float = 1.0
     seed: int = 1337
-    device: str = "auto"  # auto | cpu | cuda
-    dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     compile: bool = False
-    kernels: str = "auto"  # auto (Triton on CUDA, PyTorch reference on CPU) | triton | torch
-    activation_checkpointing: str = "none"  # none | full | selective
+    # auto: Triton on CUDA, the PyTorch reference on CPU
+    kernels: Literal["auto", "triton", "torch"] = "auto"
+    activation_checkpointing: Literal["none", "full", "selective"] = "none"
     skip_spikes: bool = False  # skip a step whose loss is an outlier (counted and logged)
     spike_threshold: float = 6.0  # z-score of the loss against its running statistics
     max_skipped_steps: int = 5  # this many skipped steps in a row stop the run (exit 2)
     # A divergence stops the run (exit 2) before its update and before it is checkpointed:
     diverge_loss_factor: float = 2.0  # loss above this x ln(vocab_size) (a uniform guess); 0: off
     diverge_grad_factor: float = 1000.0  # grad norm above this x its running mean; 0: off
-    stop_at: int = (
-        0  # stop (with a checkpoint) after this step; the schedule still spans train.steps
-    )
+    # stop (with a checkpoint) after this step; the schedule still spans train.steps
+    stop_at: int = 0
 
     def validate(self) -> None:
         for name in ("steps", "global_batch_size", "micro_batch_size"):
@@ -169,19 +165,10 @@ class TrainConfig:
         _positive("train.lr", self.lr)
         _fraction("train.min_lr_ratio", self.min_lr_ratio)
         _at_least("train.warmup_steps", self.warmup_steps, 0)
-        _choice("train.schedule", self.schedule, SCHEDULES)
         _fraction("train.decay_fraction", self.decay_fraction)
         _at_least("train.grad_clip", self.grad_clip, 0, "(0: no clipping)")
         if not 0 <= self.seed < 2**63:
             _refuse("train.seed", self.seed, "in [0, 2**63)")
-        _choice("train.device", self.device, ("auto", "cpu", "cuda"))
-        _choice("train.dtype", self.dtype, ("auto", "fp32", "bf16"))
-        _choice("train.kernels", self.kernels, ("auto", "triton", "torch"))
-        _choice(
-            "train.activation_checkpointing",
-            self.activation_checkpointing,
-            ("none", "full", "selective"),
-        )
         _positive("train.spike_threshold", self.spike_threshold)
         _at_least("train.max_skipped_steps", self.max_skipped_steps, 1)
         _factor_or_off("train.diverge_loss_factor", self.diverge_loss_factor)
@@ -191,20 +178,34 @@ class TrainConfig:
 
 @dataclass
 class OptimizerConfig:
-    """AdamW settings; ``name = adamw`` is the project's fused kernel on CUDA, ``torch`` forces PyTorch's."""
+    """The optimizer: ``adamw`` (the project's fused kernel on CUDA), ``torch`` (PyTorch's AdamW)
+    or ``muon`` (:class:`kernels.Muon`: Muon for the hidden matrices, AdamW for the rest).
 
-    name: str = "adamw"  # adamw | torch
+    ``train.lr`` is the peak learning rate of the AdamW parameters and ``muon_lr`` that of the
+    Muon matrices; the schedule scales both alike. The ``muon_*`` keys are those of
+    ``torch.optim.Muon`` (``muon_adjust_lr`` is its ``adjust_lr_fn``).
+    """
+
+    name: Literal["adamw", "torch", "muon"] = "adamw"
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
+    muon_lr: float = 0.02
+    muon_momentum: float = 0.95
+    muon_nesterov: bool = True
+    muon_ns_steps: int = 5
+    # original: sqrt(max(1, rows/cols)); match_rms_adamw: 0.2 sqrt(max(rows, cols))
+    muon_adjust_lr: Literal["original", "match_rms_adamw"] = "original"
 
     def validate(self) -> None:
-        _choice("optimizer.name", self.name, ("adamw", "torch"))
         _at_least("optimizer.weight_decay", self.weight_decay, 0)
         _fraction("optimizer.beta1", self.beta1, below_one=True)
         _fraction("optimizer.beta2", self.beta2, below_one=True)
         _positive("optimizer.eps", self.eps)
+        _positive("optimizer.muon_lr", self.muon_lr)
+        _fraction("optimizer.muon_momentum", self.muon_momentum, below_one=True)
+        _at_least("optimizer.muon_ns_steps", self.muon_ns_steps, 1)
 
 
 @dataclass
@@ -282,16 +283,19 @@ class Config:
 
 def validate_config(config: Any) -> None:
     """Refuse any value out of its range, with one line naming the key, the value and what is
-    allowed: first every float must be finite, then each section's own ``validate()``.
+    allowed: first every float must be finite and every choice key one of its ``Literal``'s
+    values, then each section's own ``validate()``.
 
     Runs when a config is loaded, so a bad value stops the command before any work starts.
     """
     for section in _sections(type(config)):
         values = getattr(config, section)
-        for f in dataclasses.fields(values):
-            value = getattr(values, f.name)
+        for name, tp in _keys(type(values)).items():
+            value = getattr(values, name)
             if isinstance(value, float) and not math.isfinite(value):
-                _refuse(f"{section}.{f.name}", value, "a finite number")
+                _refuse(f"{section}.{name}", value, "a finite number")
+            if typing.get_origin(tp) is Literal:  # a config built or changed in code
+                _coerce_choice(f"{section}.{name}", value, typing.get_args(tp))
         if hasattr(values, "validate"):
             values.validate()
 
@@ -317,6 +321,8 @@ def _suggest(name: str, choices: list[str]) -> str:
 
 
 def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "str"
     if typing.get_origin(tp) is list:
         return f"list of {typing.get_args(tp)[0].__name__}"
     return getattr(tp, "__name__", str(tp))
@@ -332,6 +338,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
         return [_coerce(key, v, item_tp) for v in value]
+    if origin is Literal:
+        return _coerce_choice(key, value, typing.get_args(tp))
     if origin in (typing.Union, types.UnionType):
         raise TypeError(f"config fields must have plain types, not {tp}")
     try:
@@ -364,6 +372,13 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     except (ValueError, TypeError):
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}") from None
     raise TypeError(f"unsupported config type {tp} for {key}")
+
+
+def _coerce_choice(key: str, value: Any, choices: tuple[str, ...]) -> str:
+    """A ``Literal[...]`` key: the value must be one of the choices the annotation lists."""
+    if not isinstance(value, str) or value not in choices:
+        _refuse(key, value, "one of " + ", ".join(choices))
+    return value
 
 
 def _apply(config: Any, key: str, value: Any) -> None:
