@@ -8,14 +8,24 @@ outside by ``pretrain.parallel``; the model itself is single-device PyTorch.
 
 Parameter names are those of Hugging Face's ``LlamaForCausalLM`` (without its ``model.`` prefix),
 and RoPE uses the same half-split layout, so an export is a renaming, not a conversion.
+
+This forward is the only one: training, ``pretrain generate`` and the server all run it, so a
+change to a layer changes all three. Incremental decoding goes through the ``cache`` argument:
+``cache.update(layer_idx, k, v) -> (k, v)`` stores this step's keys and values and returns what
+the queries may attend to, and a cache that also has ``cache.attend(layer_idx, q, k, v) -> y``
+computes the attention itself (the server's attends each row to its own slot and length);
+otherwise it is ``kernels.attention``. For inference, :func:`fuse_projections` turns q/k/v and
+gate/up into one product each and :class:`RowwiseHead` is a batch-invariant ``head``.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import kernels
 from pretrain.config import ModelConfig
@@ -31,6 +41,25 @@ class RMSNorm(nn.Module):
         return kernels.rms_norm(x, self.weight, self.eps)
 
 
+class FusedLinear(nn.Module):
+    """Several bias-free linear layers of one input as one matrix product (see fuse_projections).
+
+    The layers' weights become views of the fused weight, so nothing is stored twice and the
+    state dict keeps its names. The fused weight is a buffer outside the state dict.
+    """
+
+    def __init__(self, *linears: nn.Linear):
+        super().__init__()
+        fused = torch.cat([m.weight.detach() for m in linears])
+        self.register_buffer("weight", fused, persistent=False)
+        self.sizes = [m.out_features for m in linears]
+        for m, view in zip(linears, self.weight.split(self.sizes)):
+            m.weight = nn.Parameter(view, requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return F.linear(x, self.weight).split(self.sizes, dim=-1)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
@@ -40,6 +69,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
+        self.qkv_proj: FusedLinear | None = None  # set by fuse_projections
 
     def forward(
         self,
@@ -50,15 +80,22 @@ class Attention(nn.Module):
         cache=None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.qkv_proj is None:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        else:
+            q, k, v = self.qkv_proj(x)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         q, k = kernels.apply_rope(q, k, cos, sin)
         if cache is not None:
             # The cache stores this step's keys/values and returns everything the queries may see.
-            k, v = cache.update(self.layer_idx, k, v)
-        y = kernels.attention(q, k, v, causal=True, doc_ids=doc_ids)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+            k, v = cache.update(self.layer_idx, k, v)  # (B, Hkv, S, D), or what attend reads
+        if hasattr(cache, "attend"):  # the cache owns attention over its slots
+            y = cache.attend(self.layer_idx, q, k, v)  # (B, H, T, D)
+        else:
+            y = kernels.attention(q, k, v, causal=True, doc_ids=doc_ids)  # (B, H, T, D)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, d_model)
 
 
 class MLP(nn.Module):
@@ -67,9 +104,14 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=False)
         self.up_proj = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=False)
         self.down_proj = nn.Linear(cfg.ffn_dim, cfg.d_model, bias=False)
+        self.gate_up_proj: FusedLinear | None = None  # set by fuse_projections
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(kernels.swiglu(self.gate_proj(x), self.up_proj(x)))
+        if self.gate_up_proj is None:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        else:
+            gate, up = self.gate_up_proj(x)
+        return self.down_proj(kernels.swiglu(gate, up))
 
 
 class Block(nn.Module):
@@ -118,13 +160,16 @@ class Transformer(nn.Module):
         doc_ids: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
         cache=None,
+        head: Callable[[torch.Tensor], torch.Tensor] | None = None,
         reduction: str = "mean",
     ) -> torch.Tensor:
         """Logits (B, T, vocab) for token ids ``idx`` (B, T); the loss instead when given targets.
 
         ``doc_ids`` (B, T) keeps attention inside each packed document (positions then restart at
         each document, as if it were alone). ``positions`` (T,) or (B, T) overrides the default
-        0..T-1, for decoding against a ``cache``. Targets equal to -100 carry no loss.
+        0..T-1, for decoding against a ``cache`` (see the module docstring). ``head`` maps the
+        final hidden states (B, T, d_model) to logits instead of ``lm_head``: a server passes a
+        :class:`RowwiseHead`, or one that skips padding rows. Targets equal to -100 carry no loss.
         """
         B, T = idx.shape
         if positions is None:
@@ -141,7 +186,7 @@ class Transformer(nn.Module):
             x = layer(x, cos, sin, doc_ids, cache)
         x = self.norm(x)
         if targets is None:
-            return self.lm_head(x).float()
+            return (self.lm_head if head is None else head)(x).float()
         return kernels.linear_cross_entropy(
             x.reshape(B * T, -1), self.lm_head.weight, targets.reshape(B * T), reduction=reduction
         )
@@ -164,24 +209,78 @@ class Transformer(nn.Module):
             n += self.lm_head.weight.numel()
         return 6 * n + 12 * cfg.n_layers * cfg.d_model * seq_len
 
+
+class RowwiseHead:
+    """The output projection computed for each row on its own, in one batched call.
+
+    The vocabulary projection is the largest matrix of a decode step, and on CPU a padded
+    four-row product costs several times a one-row one. ``torch.bmm`` over rows, each a (1, d) x
+    (d, vocab) product with the weight transposed once, gives every row the numbers it gets
+    alone, so the head needs no padding: one request pays for one row.
+    """
+
+    def __init__(self, weight: torch.Tensor):
+        self.weight_t = weight.detach().t().contiguous()  # (d, vocab)
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        d, vocab = self.weight_t.shape
+        rows = h.reshape(-1, 1, d)  # (N, 1, d), one row of (..., d) each
+        out = torch.bmm(rows, self.weight_t.expand(rows.shape[0], d, vocab))  # (N, 1, vocab)
+        return out.view(*h.shape[:-1], vocab)
+
     @classmethod
-    def from_pretrained(
-        cls, path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
-    ) -> Transformer:
-        """A model from an export directory (``pretrain export``), after checking its checksums.
+    def if_exact(cls, weight: torch.Tensor, max_batch: int) -> RowwiseHead | None:
+        """The head when, on this device, each row's logits are bitwise those it gets alone
+        (checked, as BLAS libraries differ); None to fall back to the padded batch."""
+        if weight.device.type != "cpu":
+            return None  # on GPUs the padded batch is cheap and the copy of the weight is not
+        head = cls(weight)
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(max_batch, weight.shape[1], generator=gen).to(weight.dtype)
+        with torch.no_grad():
+            full = head(x)
+            for size in sorted({1, 2, 3, max_batch // 2, max_batch - 1} - {0}):
+                part = head(x[:size])
+                alone = torch.cat([head(x[i : i + 1]) for i in range(size)])
+                if not (torch.equal(part, full[:size]) and torch.equal(alone, part)):
+                    return None
+        return head
 
-        ``dtype`` None keeps the export's dtype. Only safetensors and JSON are read, no pickle.
-        """
-        from pretrain.export import load_export
 
-        cfg, state_dict, _ = load_export(path, verify=True)
-        with torch.device("meta"):
-            model = cls(cfg)
-        state_dict = {k: v.to(device=device, dtype=dtype or v.dtype) for k, v in state_dict.items()}
-        model.load_state_dict(state_dict, assign=True)
-        if cfg.tie_embeddings:
-            model.lm_head.weight = model.embed_tokens.weight
-        return model.eval()
+def fuse_projections(model: Transformer) -> Transformer:
+    """Prepare ``model`` for inference, in place: q/k/v and gate/up become one product each.
+
+    Decoding a token is a handful of thin matrix products per block; fewer, wider ones (4 per
+    block instead of 7) are faster. The separate weights become views of the fused ones
+    (:class:`FusedLinear`), so memory and state dict are unchanged, but they no longer train:
+    call this only on a model kept for inference. Calling it again changes nothing.
+    """
+    for block in model.layers:
+        attn, mlp = block.self_attn, block.mlp
+        if attn.qkv_proj is None:
+            attn.qkv_proj = FusedLinear(attn.q_proj, attn.k_proj, attn.v_proj)
+        if mlp.gate_up_proj is None:
+            mlp.gate_up_proj = FusedLinear(mlp.gate_proj, mlp.up_proj)
+    return model.eval()
+
+
+def product_weights(model: Transformer, *, head: bool = True) -> list[torch.Tensor]:
+    """The weight of every matrix product a forward runs (fused ones as one), the head's first.
+
+    Which BLAS kernel computes a product, and so a row's exact result, depends on the weight's
+    shape and the number of rows: these are the shapes a batch-invariance check must try.
+    """
+    weights = [model.lm_head.weight] if head else []
+    for block in model.layers:
+        attn, mlp = block.self_attn, block.mlp
+        weights += _input_weights(attn.qkv_proj, attn.q_proj, attn.k_proj, attn.v_proj)
+        weights += _input_weights(mlp.gate_up_proj, mlp.gate_proj, mlp.up_proj)
+        weights += [attn.o_proj.weight, mlp.down_proj.weight]
+    return weights
+
+
+def _input_weights(fused: FusedLinear | None, *linears: nn.Linear) -> list[torch.Tensor]:
+    return [m.weight for m in linears] if fused is None else [fused.weight]
 
 
 def _positions_within_documents(doc_ids: torch.Tensor) -> torch.Tensor:

@@ -20,8 +20,12 @@ others. A row's numbers must therefore not depend on the batch it shares. Prefil
 request at a time in chunks whose boundaries depend only on that request; decode runs its linear
 layers on a batch padded to a size whose per-row results were checked at start-up to be bitwise
 those of the largest batch (BLAS kernels change with the number of rows: on CPU one row takes a
-different path than four), the output projection row by row (:class:`RowwiseHead`, on CPU),
-attention over each row's own slot and length, and sampling with each request's own generator.
+different path than four), the output projection row by row (:class:`~pretrain.model.RowwiseHead`,
+on CPU), attention over each row's own slot and length, and sampling with each request's own
+generator.
+
+Prefill and decode are both the model's own forward (:class:`~pretrain.model.Transformer`), with
+a view of the cache as its ``cache``: the architecture is written once, in :mod:`pretrain.model`.
 """
 
 from __future__ import annotations
@@ -35,10 +39,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
-import kernels
 from kernels.decode_attention import decode_attention
+from pretrain.model import RowwiseHead, fuse_projections, product_weights
 from pretrain.sampling import GREEDY_BELOW, check_settings, sample_next_token
 from pretrain.serve.text import IncrementalDetokenizer, StopStringFilter
 
@@ -160,13 +163,11 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.scratch = slots
 
-    def write(self, layer: int, slots: torch.Tensor, positions: torch.Tensor, k, v) -> None:
-        """Store one new token per row: k, v (B, Hkv, 1, D) at (slots[b], :, positions[b])."""
-        self.k[layer][slots, :, positions] = k[:, :, 0]
-        self.v[layer][slots, :, positions] = v[:, :, 0]
-
     def prefill_view(self, slot: int, start: int) -> _PrefillView:
         return _PrefillView(self, slot, start)
+
+    def decode_view(self, slots: torch.Tensor, positions: torch.Tensor) -> _DecodeView:
+        return _DecodeView(self, slots, positions)
 
 
 class _PrefillView:
@@ -185,65 +186,27 @@ class _PrefillView:
         )
 
 
-class FusedLayer:
-    """One block's decode-time weights: q/k/v as one matrix, gate/up as another.
+class _DecodeView:
+    """The cache as the model's ``forward(cache=...)`` sees it in a decode step: one new token per
+    row, row b at slot ``slots[b]`` and position ``positions[b]``.
 
-    Fewer, wider matrix products per token (4 per block instead of 7). The model's own
-    projection weights are turned into views of the fused tensors, so nothing is stored twice
-    and the prefill (the model's own forward) reads the very same numbers.
+    It owns the attention call: each row attends to its own slot up to its own length
+    (kernels.decode_attention), which no causal mask over a shared length can express.
     """
 
-    def __init__(self, layer):
-        attn, mlp = layer.self_attn, layer.mlp
-        self.qkv = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
-        self.gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
-        self.q_size = attn.q_proj.weight.shape[0]
-        self.kv_size = attn.k_proj.weight.shape[0]
-        self.ffn = mlp.gate_proj.weight.shape[0]
-        q_end, k_end = self.q_size, self.q_size + self.kv_size
-        for module, view in (
-            (attn.q_proj, self.qkv[:q_end]),
-            (attn.k_proj, self.qkv[q_end:k_end]),
-            (attn.v_proj, self.qkv[k_end:]),
-            (mlp.gate_proj, self.gate_up[: self.ffn]),
-            (mlp.up_proj, self.gate_up[self.ffn :]),
-        ):
-            module.weight = torch.nn.Parameter(view, requires_grad=False)
+    def __init__(self, cache: KVCache, slots: torch.Tensor, positions: torch.Tensor):
+        self.cache, self.slots, self.positions = cache, slots, positions
+        self.lengths = positions + 1
 
+    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor):
+        """Store k, v (B, Hkv, 1, D) at (slots[b], :, positions[b]); return the layer's cache."""
+        self.cache.k[layer_idx][self.slots, :, self.positions] = k[:, :, 0]
+        self.cache.v[layer_idx][self.slots, :, self.positions] = v[:, :, 0]
+        return self.cache.k[layer_idx], self.cache.v[layer_idx]  # (slots + 1, Hkv, max_len, D)
 
-class RowwiseHead:
-    """The output projection computed for each row on its own, in one batched call.
-
-    The vocabulary projection is the largest matrix of a decode step, and on CPU a padded
-    four-row product costs several times a one-row one. ``torch.bmm`` over rows, each a (1, d) x
-    (d, vocab) product with the weight transposed once, gives every row the numbers it gets
-    alone, so the head needs no padding: one request pays for one row.
-    """
-
-    def __init__(self, weight: torch.Tensor):
-        self.weight_t = weight.detach().t().contiguous()  # (d, vocab)
-
-    def __call__(self, h: torch.Tensor) -> torch.Tensor:
-        d, vocab = self.weight_t.shape
-        return torch.bmm(h[:, None], self.weight_t.expand(h.shape[0], d, vocab))[:, 0]
-
-    @classmethod
-    def if_exact(cls, weight: torch.Tensor, max_batch: int) -> RowwiseHead | None:
-        """The head when, on this device, each row's logits are bitwise those it gets alone
-        (checked, as BLAS libraries differ); None to fall back to the padded batch."""
-        if weight.device.type != "cpu":
-            return None  # on GPUs the padded batch is cheap and the copy of the weight is not
-        head = cls(weight)
-        gen = torch.Generator().manual_seed(0)
-        x = torch.randn(max_batch, weight.shape[1], generator=gen).to(weight.dtype)
-        with torch.no_grad():
-            full = head(x)
-            for size in sorted({1, 2, 3, max_batch // 2, max_batch - 1} - {0}):
-                part = head(x[:size])
-                alone = torch.cat([head(x[i : i + 1]) for i in range(size)])
-                if not (torch.equal(part, full[:size]) and torch.equal(alone, part)):
-                    return None
-        return head
+    def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """Row b's query (B, H, 1, D) against the first lengths[b] keys of its slot."""
+        return decode_attention(q[:, :, 0], k, v, self.slots, self.lengths)[:, :, None]
 
 
 def invariant_batch_sizes(weights: list[torch.Tensor], max_batch: int) -> list[int]:
@@ -270,6 +233,8 @@ def invariant_batch_sizes(weights: list[torch.Tensor], max_batch: int) -> list[i
 class Engine:
     """Owns the model and the cache; runs steps on its own thread.
 
+    The engine takes the model over and prepares it for inference, in place: eval mode and fused
+    projections (:func:`~pretrain.model.fuse_projections`); it must not be trained afterwards.
     ``submit`` and ``cancel`` may be called from any thread. ``max_batch`` requests run at once
     (one cache slot each), ``max_queue`` more may wait; beyond that ``submit`` raises QueueFull.
     """
@@ -286,7 +251,7 @@ class Engine:
         step_tokens: int = 256,
         metrics=None,
     ):
-        self.model = model.eval()
+        self.model = fuse_projections(model)
         self.tokenizer = tokenizer
         self.eos_ids = list(eos_ids)
         self.config = model.config
@@ -308,13 +273,8 @@ class Engine:
             dtype=self.dtype,
             device=self.device,
         )
-        self.fused = [FusedLayer(layer) for layer in model.layers]
         self.head = RowwiseHead.if_exact(model.lm_head.weight, max_batch)
-        decode_weights = ([model.lm_head.weight] if self.head is None else []) + [
-            w
-            for f, layer in zip(self.fused, model.layers)
-            for w in (f.qkv, f.gate_up, layer.self_attn.o_proj.weight, layer.mlp.down_proj.weight)
-        ]
+        decode_weights = product_weights(model, head=self.head is None)
         self.batch_sizes = invariant_batch_sizes(decode_weights, max_batch)
         self.free_slots = list(range(max_batch))
         self.running: list[Request] = []
@@ -496,33 +456,18 @@ class Engine:
     def decode_forward(self, tokens, positions, slots, rows: int | None = None) -> torch.Tensor:
         """Logits (rows, vocab) for one new token per row, each at its own position and slot.
 
-        The model's own layers and weights, with q/k/v and gate/up each as one product
-        (:class:`FusedLayer`), and attention reading the slot's cache up to the row's length
-        (kernels.decode_attention) instead of a causal mask over a shared length.
+        The model's forward over a decode view of the cache, whose attention reads each row's
+        slot up to the row's length; the head runs on the first ``rows`` rows only (the others
+        are padding), row by row where that is exact.
         """
-        model, cfg = self.model, self.config
-        B = tokens.shape[0]
-        cos, sin = kernels.rope_cos_sin(positions[:, None], cfg.head_dim, cfg.rope_theta)
-        cos, sin = cos[:, None], sin[:, None]  # (B, 1, 1, D/2), broadcast over heads
-        lengths = positions + 1
-        x = model.embed_tokens(tokens[:, None])
-        for i, (layer, fused) in enumerate(zip(model.layers, self.fused)):
-            attn, mlp = layer.self_attn, layer.mlp
-            qkv = F.linear(layer.input_layernorm(x), fused.qkv)
-            q, k, v = qkv.split([fused.q_size, fused.kv_size, fused.kv_size], dim=-1)
-            q = q.view(B, 1, attn.n_heads, attn.head_dim).transpose(1, 2)
-            k = k.view(B, 1, attn.n_kv_heads, attn.head_dim).transpose(1, 2)
-            v = v.view(B, 1, attn.n_kv_heads, attn.head_dim).transpose(1, 2)
-            q, k = kernels.apply_rope(q, k, cos, sin)
-            self.cache.write(i, slots, positions, k, v)
-            y = decode_attention(q[:, :, 0], self.cache.k[i], self.cache.v[i], slots, lengths)
-            x = x + attn.o_proj(y.reshape(B, 1, -1))
-            gate, up = F.linear(layer.post_attention_layernorm(x), fused.gate_up).split(
-                fused.ffn, dim=-1
-            )
-            x = x + mlp.down_proj(kernels.swiglu(gate, up))
-        h = model.norm(x[:rows, 0])  # padding rows need no logits
-        return (model.lm_head(h) if self.head is None else self.head(h)).float()
+        project = self.model.lm_head if self.head is None else self.head
+        logits = self.model(
+            tokens[:, None],
+            positions=positions[:, None],
+            cache=self.cache.decode_view(slots, positions),
+            head=lambda h: project(h[:rows]),  # (rows, 1, d_model): padding rows need no logits
+        )
+        return logits[:, 0]
 
     # ------------------------------------------------------------------ sampling and output
 
