@@ -1,11 +1,10 @@
 # Sourced by the launch scripts: run_torchrun CMD... runs a torchrun command so that a SIGTERM,
 # SIGUSR1 or SIGINT (Ctrl-C) to the launcher reaches the training processes, not the agent.
 #
-# Signalled directly, the torchrun agent ends a SIGTERM with a traceback and exit 1, and dies of
-# a SIGUSR1 at once, leaving its workers unsupervised. Forwarded to the workers instead (SIGINT
-# as SIGTERM), every rank finishes its step, saves a checkpoint, writes status.json
-# ("preempted") and exits 0, and the agent then exits 0 too. So signal the launcher, not
-# torchrun. A signal that comes before the workers exist is delivered once they do. A SIGKILL
+# Forwarded to the workers (SIGINT as SIGTERM), every rank finishes its step, saves a
+# checkpoint, writes status.json ("preempted") and exits 0, and the agent then exits 0 too.
+# The agent runs under pretrain.launch, so a signal sent to the agent itself also reaches the
+# workers (they save the same way); the agent then exits 128 + the signal, without a traceback. A signal that comes before the workers exist is delivered once they do. A SIGKILL
 # cannot be passed on: to kill a run outright, kill the agent's session (its pid is the
 # session id) rather than only this script.
 

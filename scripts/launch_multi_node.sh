@@ -13,7 +13,7 @@
 #   RDZV_ID       a name shared by the nodes of one job (default: pretrain-$OUT)
 # SIGTERM, SIGUSR1 or Ctrl-C to this script is passed to this node's training processes, which
 # save (with the other nodes' ranks, which stop at the same step) and exit 0; OUT/status.json
-# then says "preempted". Signal this script, not torchrun (see scripts/forward_signals.sh).
+# then says "preempted". A signal to the torchrun agent itself works too (pretrain.launch).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ $# -lt 3 ] || [ -z "${NNODES:-}" ] || [ -z "${MASTER_ADDR:-}" ]; then
@@ -28,7 +28,7 @@ if [ -z "${NPROC:-}" ]; then
 fi
 source scripts/forward_signals.sh
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-run_torchrun "$PY" -m torch.distributed.run \
+run_torchrun "$PY" -m pretrain.launch \
   --nnodes="$NNODES" --nproc_per_node="$NPROC" \
   --rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:${MASTER_PORT:-29500}" \
   --rdzv-id="${RDZV_ID:-pretrain-$(basename "$OUT")}" \

@@ -8,8 +8,8 @@
 # Rerunning the same command after a crash or a preemption continues from the latest checkpoint.
 #
 # SIGTERM, SIGUSR1 or Ctrl-C to this script is passed to the training processes: they save and
-# exit 0 and OUT/status.json says "preempted" (a finished run: "finished"). Signal this script,
-# not torchrun (see scripts/forward_signals.sh).
+# exit 0 and OUT/status.json says "preempted" (a finished run: "finished"). A signal to the
+# torchrun agent itself works too (pretrain.launch; see scripts/forward_signals.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ $# -lt 3 ]; then
@@ -24,6 +24,6 @@ if [ -z "${NPROC:-}" ]; then
 fi
 source scripts/forward_signals.sh
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-run_torchrun "$PY" -m torch.distributed.run --standalone --nproc_per_node="$NPROC" \
+run_torchrun "$PY" -m pretrain.launch --standalone --nproc_per_node="$NPROC" \
   -m pretrain.train --config "$CONFIG" --data "$DATA" --out "$OUT" \
   --checkpoint.resume auto "$@"
