@@ -99,10 +99,12 @@ _FWD_SPACE = [
     (128, 128, 4, 2, True),
     (128, 64, 4, 3, True),
 ]
-# Kept per head dim.
+# Kept per (head dim, document mask): at D=128 the 128 x 128 tile spills with documents.
 _FWD_KEEP = {
-    64: {0, 1, 2, 3, 4, 5},
-    128: {0, 1, 2, 4},
+    (64, False): {0, 1, 2, 3, 4, 5},
+    (64, True): {0, 1, 2, 3},
+    (128, False): {0, 1, 2, 4},
+    (128, True): {1, 2},
 }
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) of the dK/dV(+dQ) kernel without and with documents,
 # the delta pre-pass and the dQ conversion per head dim. Query blocks of 64 rows; key blocks of
@@ -139,12 +141,12 @@ def _fwd_config(entry):
 
 
 def _prune_fwd(configs, named_args, **kwargs):
-    """The candidates built for this head dim (all for other head dims), without warp
-    specialization when document ids are loaded in the loop: Triton 3.9 aborts that sm_90
-    compile ("LLVM ERROR: unsupported load type for producer commit")."""
+    """The candidates built for this head dim and document flag (all for other head dims),
+    without warp specialization when document ids are loaded in the loop: Triton 3.9 aborts
+    that sm_90 compile ("LLVM ERROR: unsupported load type for producer commit")."""
     d = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM"))
     has_doc = kwargs.get("HAS_DOC", named_args.get("HAS_DOC", False))
-    keep = _FWD_KEEP.get(d)
+    keep = _FWD_KEEP.get((d, bool(has_doc)))
     chosen = [
         c
         for i, c in enumerate(configs)
