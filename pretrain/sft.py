@@ -35,15 +35,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from pretrain.chat import ROLES, ChatTemplate
 from pretrain.data.loader import Batch, Loader
 from pretrain.errors import UserError
-from pretrain.tokenizer import CHAT_TEMPLATE, END_OF_TURN, EOS_TOKEN, ROLE_TOKENS
+from pretrain.tokenizer import END_OF_TURN, EOS_TOKEN, ROLE_TOKENS
 
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
-ROLES = tuple(ROLE_TOKENS)  # system, user, assistant
-
 
 # ---------------------------------------------------------------------------------------------
 # Reading the JSONL file
@@ -160,65 +159,6 @@ def _skipped_suffix(report: ReadReport) -> str:
         return ""
     reasons = ", ".join(f"{n} {r}" for r, n in report.skipped.most_common())
     return f" ({report.skipped_total} bad rows skipped: {reasons})"
-
-
-# ---------------------------------------------------------------------------------------------
-# Rendering with the chat template
-
-
-class ChatTemplate:
-    """The Jinja chat template, rendered in a sandbox as Hugging Face tokenizers render it."""
-
-    def __init__(self, template: str = CHAT_TEMPLATE):
-        from jinja2 import TemplateError
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        def raise_exception(message: str) -> None:
-            raise TemplateError(message)
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = raise_exception
-        try:
-            self._template = env.from_string(template)
-        except TemplateError as e:
-            raise UserError(f"the chat template does not parse: {e}") from None
-        self.source = template
-
-    def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
-        return self._template.render(
-            messages=messages,
-            add_generation_prompt=add_generation_prompt,
-            eos_token=EOS_TOKEN,
-        )
-
-    def segments(self, messages: list[dict[str, str]]) -> list[tuple[str, bool]]:
-        """The rendered conversation as ``(text, trains)`` pieces that concatenate to the whole.
-
-        ``trains`` is True for what the assistant says (content and end of turn); the header
-        that opens an assistant turn is rendered as the generation prompt and does not train.
-        Needs a template whose rendering of a prefix of the messages is a prefix of the whole.
-        """
-        pieces: list[tuple[str, bool]] = []
-        done = self.render([])
-        for i, message in enumerate(messages):
-            if message["role"] == "assistant":
-                header = self.render(messages[:i], add_generation_prompt=True)
-                pieces.append((self._after(done, header), False))
-                done = header
-            upto = self.render(messages[: i + 1])
-            pieces.append((self._after(done, upto), message["role"] == "assistant"))
-            done = upto
-        return [(text, trains) for text, trains in pieces if text]
-
-    @staticmethod
-    def _after(prefix: str, text: str) -> str:
-        if not text.startswith(prefix):
-            raise UserError(
-                "the chat template renders a conversation differently from its beginning, so "
-                "prompt and completion tokens cannot be told apart; use a template whose output "
-                "for the first k messages is a prefix of its output for all of them"
-            )
-        return text[len(prefix) :]
 
 
 # ---------------------------------------------------------------------------------------------
