@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from pretrain import devices
 from pretrain.errors import UserError
 
 
@@ -44,17 +45,10 @@ class DistInfo:
 
 
 def resolve_device(name: str) -> str:
-    """``auto`` becomes ``cuda`` when a GPU is visible, else ``cpu``; asking for a missing GPU fails."""
+    """The device type ``train.device`` names: training runs on a whole device type, no index."""
     if name not in ("auto", "cpu", "cuda"):
         raise UserError(f"train.device must be auto, cpu or cuda, got {name!r}")
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError(
-            "train.device is 'cuda' but no CUDA device is available to PyTorch; "
-            "use --train.device cpu (or auto), or install a CUDA build of torch"
-        )
-    return name
+    return devices.resolve_device(name, option="train.device").type
 
 
 def init_distributed(device_type: str) -> DistInfo:

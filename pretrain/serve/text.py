@@ -1,51 +1,16 @@
-"""Turning a growing list of token ids into text a client can be sent piece by piece.
+"""Text a client can be sent piece by piece: whole characters, and nothing that may begin a stop.
 
-Two problems: a byte-level token can end in the middle of a multi-byte UTF-8 character, so the
-text of the ids so far may end in a replacement character that the next token would complete;
-and a stop string may arrive split over several tokens, so text that could be the start of one
-must be held back until it is known not to be. Both are solved here, per request, on the engine
-thread.
+A stop string may arrive split over several tokens, so text that could be the start of one must
+be held back until it is known not to be (:class:`StopStringFilter`). Characters split over
+tokens are handled by :class:`pretrain.text.IncrementalDetokenizer`, re-exported here. Both run
+per request, on the engine thread.
 """
 
 from __future__ import annotations
 
-REPLACEMENT = "\ufffd"
+from pretrain.text import REPLACEMENT, IncrementalDetokenizer
 
-
-class IncrementalDetokenizer:
-    """Decodes new tokens against a short window of earlier ones, never emitting half a character.
-
-    Decoding ``ids[prefix:]`` and subtracting the text of ``ids[prefix:read]`` keeps whatever the
-    tokenizer does at token boundaries (leading spaces, merged bytes) the same as decoding the
-    whole list, at a cost independent of the output length.
-    """
-
-    def __init__(self, tokenizer, skip_special_tokens: bool = True):
-        self.tokenizer = tokenizer
-        self.skip_special = skip_special_tokens
-        self.ids: list[int] = []
-        self.prefix = 0
-        self.read = 0
-
-    def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special)
-
-    def push(self, token_id: int) -> str:
-        """Text completed by this token ("" while a character is still incomplete)."""
-        self.ids.append(token_id)
-        before = self._decode(self.ids[self.prefix : self.read])
-        after = self._decode(self.ids[self.prefix :])
-        if len(after) > len(before) and not after.endswith(REPLACEMENT):
-            self.prefix, self.read = self.read, len(self.ids)
-            return after[len(before) :]
-        return ""
-
-    def flush(self) -> str:
-        """Whatever is left at the end, incomplete characters included."""
-        before = self._decode(self.ids[self.prefix : self.read])
-        after = self._decode(self.ids[self.prefix :])
-        self.prefix = self.read = len(self.ids)
-        return after[len(before) :]
+__all__ = ["REPLACEMENT", "IncrementalDetokenizer", "StopStringFilter"]
 
 
 class StopStringFilter:
