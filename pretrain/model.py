@@ -272,7 +272,8 @@ def fuse_projections(model: Transformer) -> Transformer:
     Decoding a token is a handful of thin matrix products per block; fewer, wider ones (4 per
     block instead of 7) are faster. The separate weights become views of the fused ones
     (:class:`FusedLinear`), so memory and state dict are unchanged, but they no longer train:
-    call this only on a model kept for inference. Calling it again changes nothing.
+    call this only on a model kept for inference, after moving or casting it (``.to()`` would
+    copy the views apart). Calling it again changes nothing.
     """
     for block in model.layers:
         attn, mlp = block.self_attn, block.mlp
