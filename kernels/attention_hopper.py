@@ -134,6 +134,19 @@ _INTERPRET_BWD = {
 }
 
 
+def _triton_at_least(major: int, minor: int) -> bool:
+    try:
+        found = tuple(int(x) for x in triton.__version__.split(".")[:2])
+    except (AttributeError, ValueError):
+        return False
+    return found >= (major, minor)
+
+
+# The warp-specialized candidates were checked with triton 3.9 (what older versions do with the
+# request on Hopper was not): elsewhere they are pruned.
+_WARP_SPEC_CHECKED = triton is not None and _triton_at_least(3, 9)
+
+
 def _fwd_config(entry):
     bm, bn, warps, stages, ws = entry
     kwargs = {"BLOCK_M": bm, "BLOCK_N": bn, "WARP_SPEC": ws}
@@ -150,7 +163,8 @@ def _prune_fwd(configs, named_args, **kwargs):
     chosen = [
         c
         for i, c in enumerate(configs)
-        if (keep is None or i in keep) and not (has_doc and c.kwargs["WARP_SPEC"])
+        if (keep is None or i in keep)
+        and not (c.kwargs["WARP_SPEC"] and (has_doc or not _WARP_SPEC_CHECKED))
     ]
     return chosen or configs[:1]
 
