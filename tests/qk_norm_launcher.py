@@ -22,7 +22,7 @@ def _rms(x: torch.Tensor) -> torch.Tensor:
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
 
 
-class _QKNormKernels:
+class QKNormKernels:
     """``kernels`` as model.py sees it, with QK-norm in front of RoPE."""
 
     def __getattr__(self, name: str):
@@ -33,9 +33,8 @@ class _QKNormKernels:
         return kernels.apply_rope(_rms(q), _rms(k), cos, sin)
 
 
-pretrain.model.kernels = _QKNormKernels()
-
 if __name__ == "__main__":
     from pretrain.cli import main
 
+    pretrain.model.kernels = QKNormKernels()
     sys.exit(main(sys.argv[1:]))

@@ -3,8 +3,10 @@ chunked prefill, cancellation, bounded queue, incremental detokenisation and sto
 
 import pytest
 import torch
+from qk_norm_launcher import QKNormKernels
 from serve_helpers import make_tokenizer, small_model_config
 
+import pretrain.model
 from pretrain.model import Transformer
 from pretrain.serve.engine import Engine, QueueFull, SamplingParams, invariant_batch_sizes
 from pretrain.serve.text import IncrementalDetokenizer, StopStringFilter
@@ -72,6 +74,18 @@ def test_greedy_decode_with_the_cache_equals_the_uncached_argmax(model, tokenize
     for prompt in _prompts(4, model.config.vocab_size, seed=2):  # prompts of several chunks
         params = SamplingParams(max_tokens=25, temperature=0.0, ignore_eos=True)
         assert engine.generate(prompt, params) == _uncached_greedy(model, prompt, 25)
+
+
+def test_an_op_added_to_the_model_reaches_prefill_and_decode(tokenizer, monkeypatch):
+    """QK-norm patched into pretrain.model changes the engine's tokens exactly as the model's."""
+    torch.manual_seed(0)
+    model = Transformer(small_model_config(tokenizer.get_vocab_size())).eval()
+    prompt = _prompts(1, model.config.vocab_size, seed=6)[0]
+    plain = _uncached_greedy(model, prompt, 20)
+    monkeypatch.setattr(pretrain.model, "kernels", QKNormKernels())
+    params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+    patched = _engine(model, tokenizer).generate(prompt, params)
+    assert patched == _uncached_greedy(model, prompt, 20) != plain
 
 
 def test_decode_logits_match_the_full_forward(model, tokenizer):
