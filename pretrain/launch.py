@@ -22,14 +22,29 @@ HANDLED_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
 SHUTDOWN_TIMEOUT_S = "300"
 
 
-def main(argv: list[str] | None = None) -> int:
+def _with_signals_handled(argv: list[str]) -> list[str]:
+    """``argv`` with SIGUSR1 among the signals the agent handles, unless the caller chose.
+
+    Newer torchrun takes them as ``--signals-to-handle`` (which overrides the environment);
+    older ones read ``TORCHELASTIC_SIGNALS_TO_HANDLE`` only.
+    """
+    from torch.distributed.run import get_args_parser
+
     os.environ.setdefault("TORCHELASTIC_SIGNALS_TO_HANDLE", HANDLED_SIGNALS)
+    flags = {s for a in get_args_parser()._actions for s in a.option_strings}
+    chosen = any(a.split("=")[0] in ("--signals-to-handle", "--signals_to_handle") for a in argv)
+    if "--signals-to-handle" in flags and not chosen:
+        return [f"--signals-to-handle={os.environ['TORCHELASTIC_SIGNALS_TO_HANDLE']}", *argv]
+    return argv
+
+
+def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", SHUTDOWN_TIMEOUT_S)
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.run import main as torchrun_main
 
     try:
-        torchrun_main(sys.argv[1:] if argv is None else argv)
+        torchrun_main(_with_signals_handled(sys.argv[1:] if argv is None else argv))
     except SignalException as e:
         name = signal.Signals(e.sigval).name
         print(
