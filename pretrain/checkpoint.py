@@ -16,7 +16,9 @@ The DCP state dict has two entries: ``"model"`` (the model's state dict with the
 ``pretrain.model.Transformer.state_dict()``, whatever wrapping FSDP, compile or activation
 checkpointing added) and ``"optimizer"`` (the optimizer state keyed by the same names). The
 trainer's own state is JSON (RNG states as base64 of their bytes). DCP reshards on load, so a run
-saved by N ranks resumes on M.
+saved by N ranks resumes on M. :func:`read_model_weights` reads the full (unsharded) model weights
+of a checkpoint in one process, checked against its ``config.toml``: ``pretrain export`` and
+:func:`load_weights` (``checkpoint.init_from``) both read weights through it.
 
 Nothing read from a checkpoint is unpickled with arbitrary classes: ``.metadata`` (a pickle) goes
 through :class:`SafeFileSystemReader`, whose unpickler admits only DCP's metadata classes, and the
@@ -49,6 +51,7 @@ import random
 import re
 import shutil
 import socket
+import sys
 import time
 import warnings
 from dataclasses import asdict
@@ -70,9 +73,15 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from pretrain.config import load_config, save_config
+from pretrain.config import ModelConfig, load_config, save_config
 from pretrain.errors import UserError
+from pretrain.model import Transformer
 from pretrain.parallel import DistInfo, all_reduce_sum, barrier
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -302,23 +311,36 @@ def _first_user_error(e: BaseException) -> UserError | None:
     return next((x for x in _exception_chain(e) if isinstance(x, UserError)), None)
 
 
-def _check_model_shapes(path: Path, metadata, model_sd: dict[str, Any], prefix: str) -> None:
-    """Every model tensor must be in the checkpoint with the same shape; name the first that isn't."""
-    saved = metadata.state_dict_metadata
+def check_fits_model(
+    source: str, shapes: dict[str, tuple[int, ...]], model_sd: dict[str, Any]
+) -> None:
+    """Every tensor of ``model_sd`` must be in ``shapes`` (name -> shape of the weights read from
+    ``source``, e.g. ``"checkpoint runs/x/checkpoints/step-000100"``) with the same shape; the
+    first that isn't is named with both shapes."""
+    kind = source.split()[0]
     for name, tensor in model_sd.items():
-        key = f"{prefix}{name}"
-        if key not in saved:
+        if name not in shapes:
             raise UserError(
-                f"checkpoint {path} has no parameter '{name}': it was saved from another model "
+                f"{source} has no parameter '{name}': it was saved from another model "
                 "(check model.n_layers and model.tie_embeddings)"
             )
-        shape = tuple(getattr(saved[key], "size", ()))
+        shape = tuple(shapes[name])
         if shape != tuple(tensor.shape):
             raise UserError(
-                f"checkpoint {path} does not fit the model: parameter '{name}' has shape "
-                f"{list(shape)} in the checkpoint but {list(tensor.shape)} in the model "
+                f"{source} does not fit the model: parameter '{name}' has shape "
+                f"{list(shape)} in the {kind} but {list(tensor.shape)} in the model "
                 "(the model section of the config differs from the one it was saved with)"
             )
+
+
+def _check_model_shapes(path: Path, metadata, model_sd: dict[str, Any], prefix: str) -> None:
+    """Every model tensor must be in the checkpoint with the same shape; name the first that isn't."""
+    shapes = {
+        key.removeprefix(prefix): tuple(getattr(entry, "size", ()))
+        for key, entry in metadata.state_dict_metadata.items()
+        if key.startswith(prefix)
+    }
+    check_fits_model(f"checkpoint {path}", shapes, model_sd)
 
 
 def _b64(t: torch.Tensor) -> str:
@@ -886,38 +908,91 @@ def _check_model_config(path: Path, config) -> None:
 # ---------------------------------------------------------------------- weights only
 
 
-def _is_export_dir(path: Path) -> bool:
-    return (path / "config.json").is_file() and (
-        (path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()
-    )
+def read_checkpoint_config(step_dir: str | os.PathLike) -> ModelConfig:
+    """The ``[model]`` section of a checkpoint's resolved config (other sections are not needed)."""
+    path = Path(step_dir) / "config.toml"
+    if not path.is_file():
+        raise UserError(f"checkpoint {step_dir} is incomplete: missing config.toml")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"{path} is not valid TOML: {e}") from None
+    model = data.get("model")
+    if not isinstance(model, dict):
+        raise UserError(f"{path} has no [model] section")
+    return load_config(None, [(f"model.{k}", v) for k, v in model.items()]).model
+
+
+def meta_state_dict(cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """The model's state dict on the meta device: names and shapes without memory."""
+    with torch.device("meta"):
+        return Transformer(cfg).state_dict()
+
+
+def _weights_template(
+    step_dir: Path, cfg: ModelConfig, metadata: Metadata
+) -> dict[str, torch.Tensor]:
+    """Empty full tensors, in the stored dtypes, for the model entries ``cfg`` expects; every
+    entry that is missing or has another shape than ``config.toml`` says is named."""
+    stored = metadata.state_dict_metadata
+    expected = meta_state_dict(cfg)
+    if cfg.tie_embeddings and "model.lm_head.weight" not in stored:
+        expected.pop("lm_head.weight")
+    template: dict[str, torch.Tensor] = {}
+    problems = []
+    for name, meta in expected.items():
+        entry = stored.get(f"model.{name}")
+        if entry is None or not hasattr(entry, "size"):
+            problems.append(f"{name} is missing")
+        elif tuple(entry.size) != tuple(meta.shape):
+            problems.append(
+                f"{name} has shape {tuple(entry.size)}, config wants {tuple(meta.shape)}"
+            )
+        else:
+            template[name] = torch.empty(meta.shape, dtype=entry.properties.dtype)
+    if problems:
+        raise UserError(
+            f"checkpoint {step_dir} does not match its config.toml: {'; '.join(problems)}"
+        )
+    return template
+
+
+def read_model_weights(
+    step_dir: str | os.PathLike,
+) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """The model config and full (unsharded) model weights of a DCP checkpoint, in one process.
+
+    Only the ``model`` entries are read; any world size that wrote the checkpoint gives the same
+    tensors, in the dtype they were saved in. A tied checkpoint may hold the shared matrix under
+    one name or both; the result always has both names for the same tensor.
+    """
+    step_dir = Path(step_dir)
+    cfg = read_checkpoint_config(step_dir)
+    template = _weights_template(step_dir, cfg, read_metadata(step_dir))
+    dcp_load({"model": template}, step_dir, no_dist=True)
+    if cfg.tie_embeddings:
+        template["lm_head.weight"] = template["embed_tokens.weight"]
+    return cfg, template
+
+
+def set_full_weights(model, weights: dict[str, torch.Tensor], source: str) -> None:
+    """Load full (unsharded) ``weights`` read from ``source`` into ``model``, sharded or not,
+    in the model's dtypes, after checking every parameter is there with its shape."""
+    model_sd = get_model_state_dict(model)
+    check_fits_model(source, {k: tuple(t.shape) for k, t in weights.items()}, model_sd)
+    full = {k: weights[k].to(t.dtype) for k, t in model_sd.items()}
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, strict=True))
 
 
 def load_weights(path: str | Path, model) -> None:
-    """Initialise ``model`` from a checkpoint's or an export's weights only (no optimizer/data)."""
+    """Initialise ``model`` from a checkpoint's weights only (no optimizer or data state).
+
+    ``path`` is a step directory, a run's ``checkpoints/`` or the run directory; an export is
+    loaded by :func:`pretrain.export.init_from`.
+    """
     p = Path(path)
     if not p.exists():
         raise UserError(f"checkpoint.init_from: {p} does not exist")
-    model_sd = get_model_state_dict(model)
-    if _is_export_dir(p):
-        from pretrain.export import load_export
-
-        _, weights, _ = load_export(p)  # checksums verified, names mapped back to ours
-        for name, tensor in model_sd.items():
-            if name not in weights:
-                raise UserError(f"export {p} has no tensor for parameter '{name}'")
-            if tuple(weights[name].shape) != tuple(tensor.shape):
-                raise UserError(
-                    f"export {p} does not fit the model: parameter '{name}' has shape "
-                    f"{list(weights[name].shape)} in the export but {list(tensor.shape)} in the model"
-                )
-        full = {k: weights[k].to(t.dtype) for k, t in model_sd.items()}
-        set_model_state_dict(
-            model, full, options=StateDictOptions(full_state_dict=True, strict=True)
-        )
-        return
-    ckpt_dir = find_checkpoint(p)
-    metadata = read_metadata(ckpt_dir)
-    _check_model_shapes(ckpt_dir, metadata, model_sd, "model.")
-    state = {"model": model_sd}
-    dcp_load(state, ckpt_dir)
-    set_model_state_dict(model, state["model"])
+    step_dir = find_checkpoint(p)
+    _, weights = read_model_weights(step_dir)
+    set_full_weights(model, weights, f"checkpoint {step_dir}")

@@ -12,10 +12,12 @@ many ranks wrote it) and writes the layout that transformers, and servers built 
     tokenizer_config.json         special tokens and the chat template
     checksums.sha256              SHA-256 of every file above (``sha256sum -c`` reads it)
 
-Our parameter names are Llama's without the ``model.`` prefix and our RoPE has Llama's half-split
-layout, so the weights are renamed, never permuted. The directory is written under a temporary
-name and renamed when complete. Reading goes through safetensors and JSON only (no pickle), and
-:func:`load_export` refuses files whose checksums disagree, naming them.
+What the layout is (file names, ``config.json`` fields, parameter names) is
+:mod:`pretrain.hf`'s; reading the checkpoint is :mod:`pretrain.checkpoint`'s. This module does the
+directory I/O: sharding, checksums, writing under a temporary name and renaming when complete,
+and reading back through safetensors and JSON only (no pickle): :func:`load_export` refuses files
+whose checksums disagree, naming them. :func:`load_model` gives a ready ``Transformer`` and
+:func:`init_from` loads an export's or a checkpoint's weights into a model being trained.
 """
 
 from __future__ import annotations
@@ -31,26 +33,64 @@ from pathlib import Path
 
 import torch
 
-from pretrain.config import ModelConfig, load_config
+from pretrain.checkpoint import (
+    find_checkpoint,
+    load_weights,
+    meta_state_dict,
+    read_checkpoint_config,
+    read_model_weights,
+    set_full_weights,
+)
+from pretrain.config import ModelConfig
 from pretrain.errors import UserError
-from pretrain.tokenizer import CHAT_TEMPLATE, END_OF_TURN, EOS_TOKEN, load_tokenizer
+from pretrain.hf import (
+    CONFIG,
+    GENERATION_CONFIG,
+    HF_DTYPE_NAMES,
+    METADATA_FILES,
+    TOKENIZER,
+    TOKENIZER_CONFIG,
+    WEIGHTS,
+    WEIGHTS_INDEX,
+    from_hf_names,
+    generation_config,
+    hf_config,
+    is_export_dir,
+    model_config_from_hf,
+    read_export_config,
+    read_json,
+    to_hf_names,
+    tokenizer_config,
+)
+from pretrain.model import Transformer
+from pretrain.tokenizer import END_OF_TURN, EOS_TOKEN, load_tokenizer
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
+__all__ = [  # the layout names stay importable from here, next to the writer
+    "CONFIG",
+    "GENERATION_CONFIG",
+    "HF_DTYPE_NAMES",
+    "METADATA_FILES",
+    "TOKENIZER",
+    "TOKENIZER_CONFIG",
+    "WEIGHTS",
+    "WEIGHTS_INDEX",
+    "from_hf_names",
+    "hf_config",
+    "init_from",
+    "load_export",
+    "load_model",
+    "model_config_from_hf",
+    "read_checkpoint_config",
+    "read_export_config",
+    "resolve_checkpoint",
+    "save_export",
+    "to_hf_names",
+    "verify_export",
+    "write_export",
+]
 
 CHECKSUMS = "checksums.sha256"
-WEIGHTS = "model.safetensors"
-WEIGHTS_INDEX = "model.safetensors.index.json"
-CONFIG = "config.json"
-GENERATION_CONFIG = "generation_config.json"
-TOKENIZER = "tokenizer.json"
-TOKENIZER_CONFIG = "tokenizer_config.json"
-METADATA_FILES = (CONFIG, GENERATION_CONFIG, TOKENIZER, TOKENIZER_CONFIG)
-
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-HF_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 DEFAULT_MAX_SHARD_SIZE = "2GB"
 
 
@@ -60,8 +100,6 @@ DEFAULT_MAX_SHARD_SIZE = "2GB"
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
     """The step directory meant by ``path`` (a step dir, a run's ``checkpoints/`` or the run dir,
     the last two through ``latest``), after checking that it holds what an export needs."""
-    from pretrain.checkpoint import find_checkpoint
-
     step_dir = find_checkpoint(path)
     missing = [name for name in ("config.toml", TOKENIZER) if not (step_dir / name).is_file()]
     if missing:
@@ -69,66 +107,7 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     return step_dir
 
 
-def read_checkpoint_config(step_dir: str | os.PathLike) -> ModelConfig:
-    """The ``[model]`` section of a checkpoint's resolved config (other sections are not needed)."""
-    path = Path(step_dir) / "config.toml"
-    try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise UserError(f"{path} is not valid TOML: {e}") from None
-    model = data.get("model")
-    if not isinstance(model, dict):
-        raise UserError(f"{path} has no [model] section")
-    return load_config(None, [(f"model.{k}", v) for k, v in model.items()]).model
-
-
-def _meta_state_dict(cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """The model's state dict on the meta device: names and shapes without memory."""
-    from pretrain.model import Transformer
-
-    with torch.device("meta"):
-        return Transformer(cfg).state_dict()
-
-
-def load_checkpoint_weights(
-    step_dir: str | os.PathLike,
-) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """The model config and full (unsharded) model weights of a DCP checkpoint, in one process.
-
-    Only the ``model`` entries are read; any world size that wrote the checkpoint gives the same
-    tensors. A tied checkpoint may hold the shared matrix under one name or both.
-    """
-    from pretrain.checkpoint import dcp_load, read_metadata
-
-    step_dir = Path(step_dir)
-    cfg = read_checkpoint_config(step_dir)
-    stored = read_metadata(step_dir).state_dict_metadata  # no pickle beyond DCP's own classes
-    expected = _meta_state_dict(cfg)
-    if cfg.tie_embeddings and "model.lm_head.weight" not in stored:
-        expected.pop("lm_head.weight")
-    template: dict[str, torch.Tensor] = {}
-    problems = []
-    for name, meta in expected.items():
-        entry = stored.get(f"model.{name}")
-        if entry is None or not hasattr(entry, "size"):
-            problems.append(f"{name} is missing")
-        elif tuple(entry.size) != tuple(meta.shape):
-            problems.append(
-                f"{name} has shape {tuple(entry.size)}, config wants {tuple(meta.shape)}"
-            )
-        else:
-            template[name] = torch.empty(meta.shape, dtype=entry.properties.dtype)
-    if problems:
-        raise UserError(
-            f"checkpoint {step_dir} does not match its config.toml: {'; '.join(problems)}"
-        )
-    dcp_load({"model": template}, step_dir, no_dist=True)
-    if cfg.tie_embeddings:
-        template["lm_head.weight"] = template["embed_tokens.weight"]
-    return cfg, template
-
-
-# --------------------------------------------------------------------------- config files
+# --------------------------------------------------------------------------- tokens
 
 
 def _special_token_ids(tokenizer) -> tuple[int, int | None]:
@@ -139,162 +118,7 @@ def _special_token_ids(tokenizer) -> tuple[int, int | None]:
     return eos, tokenizer.token_to_id(END_OF_TURN)
 
 
-def hf_config(cfg: ModelConfig, dtype: torch.dtype, eos_id: int) -> dict:
-    """``config.json`` for transformers' ``LlamaConfig``.
-
-    Documents are separated by end-of-text only, so it also serves as the start token.
-    """
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.d_model,
-        "intermediate_size": cfg.ffn_dim,
-        "num_hidden_layers": cfg.n_layers,
-        "num_attention_heads": cfg.n_heads,
-        "num_key_value_heads": cfg.n_kv_heads,
-        "head_dim": cfg.head_dim,
-        "hidden_act": "silu",
-        "max_position_embeddings": cfg.max_seq_len,
-        "rms_norm_eps": cfg.norm_eps,
-        "rope_theta": cfg.rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
-        "attention_bias": False,
-        "attention_dropout": 0.0,
-        "mlp_bias": False,
-        "tie_word_embeddings": cfg.tie_embeddings,
-        "initializer_range": cfg.init_std,
-        "bos_token_id": eos_id,
-        "eos_token_id": eos_id,
-        "torch_dtype": HF_DTYPE_NAMES[dtype],
-        "use_cache": True,
-    }
-
-
-_REQUIRED_FIELDS: dict[str, type | tuple[type, ...]] = {
-    "hidden_size": int,
-    "intermediate_size": int,
-    "num_hidden_layers": int,
-    "num_attention_heads": int,
-    "num_key_value_heads": int,
-    "head_dim": int,
-    "rms_norm_eps": (int, float),
-    "rope_theta": (int, float),
-    "max_position_embeddings": int,
-    "vocab_size": int,
-    "tie_word_embeddings": bool,
-    "torch_dtype": str,
-}
-_FIXED_FIELDS = {
-    "model_type": "llama",
-    "hidden_act": "silu",
-    "attention_bias": False,
-    "mlp_bias": False,
-}
-
-
-def model_config_from_hf(config: dict, path: str | os.PathLike = CONFIG) -> ModelConfig:
-    """Our ``ModelConfig`` from a ``config.json`` dict; a missing or inconsistent field is named."""
-
-    def bad(field: str, why: str) -> UserError:
-        return UserError(f"{path}: field '{field}' {why}")
-
-    for field, tp in _REQUIRED_FIELDS.items():
-        if field not in config:
-            raise bad(field, "is missing")
-        value = config[field]
-        if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
-            raise bad(field, f"has the wrong type: {value!r}")
-    for field, want in _FIXED_FIELDS.items():
-        if config.get(field) != want:
-            raise bad(field, f"is {config.get(field)!r}; this model needs {want!r}")
-    if "LlamaForCausalLM" not in (config.get("architectures") or []):
-        raise bad("architectures", f"is {config.get('architectures')!r}; expected LlamaForCausalLM")
-    if config.get("rope_scaling"):
-        raise bad("rope_scaling", "is set; scaled RoPE is not supported")
-    rope = config.get("rope_parameters") or {}
-    if rope.get("rope_type", "default") != "default":
-        raise bad(
-            "rope_parameters", f"has rope_type {rope['rope_type']!r}; only 'default' is supported"
-        )
-    if "rope_theta" in rope and rope["rope_theta"] != config["rope_theta"]:
-        raise bad(
-            "rope_theta", f"({config['rope_theta']}) disagrees with rope_parameters.rope_theta"
-        )
-    if config["torch_dtype"] not in HF_DTYPE_NAMES.values():
-        raise bad(
-            "torch_dtype",
-            f"is {config['torch_dtype']!r}; expected one of {sorted(HF_DTYPE_NAMES.values())}",
-        )
-    heads, hidden = config["num_attention_heads"], config["hidden_size"]
-    if heads < 1 or hidden % heads or config["head_dim"] != hidden // heads:
-        raise bad(
-            "head_dim",
-            f"is {config['head_dim']}; this model needs hidden_size / num_attention_heads",
-        )
-    cfg = ModelConfig(
-        vocab_size=config["vocab_size"],
-        n_layers=config["num_hidden_layers"],
-        d_model=hidden,
-        n_heads=heads,
-        n_kv_heads=config["num_key_value_heads"],
-        ffn_hidden=config["intermediate_size"],
-        max_seq_len=config["max_position_embeddings"],
-        rope_theta=float(config["rope_theta"]),
-        norm_eps=float(config["rms_norm_eps"]),
-        tie_embeddings=config["tie_word_embeddings"],
-        init_std=float(config.get("initializer_range", ModelConfig.init_std)),
-    )
-    try:
-        cfg.validate()
-    except UserError as e:
-        raise UserError(f"{path}: inconsistent fields: {e}") from None
-    return cfg
-
-
-def _generation_config(eos_id: int, end_of_turn_id: int | None) -> dict:
-    """Stop at end of text, and at end of turn for chat models, as our server does."""
-    stop = [eos_id] if end_of_turn_id is None else [eos_id, end_of_turn_id]
-    return {
-        "bos_token_id": eos_id,
-        "eos_token_id": stop if len(stop) > 1 else eos_id,
-        "pad_token_id": eos_id,
-    }
-
-
-def _tokenizer_config(cfg: ModelConfig) -> dict:
-    return {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": EOS_TOKEN,
-        "eos_token": EOS_TOKEN,
-        "pad_token": EOS_TOKEN,
-        "model_max_length": cfg.max_seq_len,
-        "chat_template": CHAT_TEMPLATE,
-        "clean_up_tokenization_spaces": False,
-    }
-
-
 # --------------------------------------------------------------------------- weights
-
-
-def to_hf_names(state_dict: dict[str, torch.Tensor], tied: bool) -> dict[str, torch.Tensor]:
-    """Our names -> Llama's: ``model.`` + ours, ``lm_head.weight`` as is (absent when tied)."""
-    out = {}
-    for name, tensor in state_dict.items():
-        if name.startswith("lm_head."):
-            if not tied:
-                out[name] = tensor
-        else:
-            out[f"model.{name}"] = tensor
-    return out
-
-
-def from_hf_names(tensors: dict[str, torch.Tensor], tied: bool) -> dict[str, torch.Tensor]:
-    """Llama's names -> ours; when tied, ``lm_head.weight`` is the embedding tensor itself."""
-    out = {name.removeprefix("model."): t for name, t in tensors.items()}
-    if tied:
-        out["lm_head.weight"] = out["embed_tokens.weight"]
-    return out
 
 
 def parse_size(text: str) -> int:
@@ -394,7 +218,7 @@ def _weight_files(export_dir: Path) -> list[str]:
     index = export_dir / WEIGHTS_INDEX
     if not index.is_file():
         return [WEIGHTS]
-    weight_map = _read_json(index).get("weight_map")
+    weight_map = read_json(index).get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise UserError(f"{index}: 'weight_map' is missing or empty")
     return sorted(set(weight_map.values()))
@@ -495,8 +319,8 @@ def write_export(
     try:
         _write_weights(tensors, tmp, max_bytes)
         _write_json(tmp / CONFIG, hf_config(cfg, torch_dtype, eos_id))
-        _write_json(tmp / GENERATION_CONFIG, _generation_config(eos_id, end_of_turn_id))
-        _write_json(tmp / TOKENIZER_CONFIG, _tokenizer_config(cfg))
+        _write_json(tmp / GENERATION_CONFIG, generation_config(eos_id, end_of_turn_id))
+        _write_json(tmp / TOKENIZER_CONFIG, tokenizer_config(cfg))
         tok_obj.save(str(tmp / TOKENIZER))
         _write_checksums(tmp)
         _install(tmp, out, overwrite)
@@ -528,24 +352,6 @@ def save_export(
 
 
 # --------------------------------------------------------------------------- reading
-
-
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise UserError(f"{path} is missing")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path} should hold a JSON object")
-    return data
-
-
-def read_export_config(export_dir: str | os.PathLike) -> ModelConfig:
-    """The ``ModelConfig`` described by an export's ``config.json``."""
-    path = Path(export_dir) / CONFIG
-    return model_config_from_hf(_read_json(path), path)
 
 
 def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -580,7 +386,7 @@ def load_export(
         for key, t in _load_safetensors(export_dir / name).items():
             tensors[key] = t
             source[key] = name
-    expected = to_hf_names(_meta_state_dict(cfg), cfg.tie_embeddings)
+    expected = to_hf_names(meta_state_dict(cfg), cfg.tie_embeddings)
     problems = [f"{k} is missing" for k in expected if k not in tensors]
     problems += [
         f"{k} (in {source[k]}) is not a weight of this model" for k in tensors if k not in expected
@@ -594,6 +400,39 @@ def load_export(
         raise UserError(f"export {export_dir} does not match its {CONFIG}: {'; '.join(problems)}")
     tokenizer = load_tokenizer(export_dir / TOKENIZER)
     return cfg, from_hf_names(tensors, cfg.tie_embeddings), tokenizer
+
+
+def load_model(
+    path: str | os.PathLike,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+) -> Transformer:
+    """A ``Transformer`` in eval mode from an export directory, after checking its checksums.
+
+    ``dtype`` None keeps the export's dtype. Only safetensors and JSON are read, no pickle.
+    """
+    cfg, state_dict, _ = load_export(path, verify=True)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    state_dict = {k: v.to(device=device, dtype=dtype or v.dtype) for k, v in state_dict.items()}
+    model.load_state_dict(state_dict, assign=True)
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    return model.eval()
+
+
+def init_from(path: str | os.PathLike, model) -> None:
+    """Initialise ``model`` (sharded or not) from the weights of an export or a checkpoint
+    (``checkpoint.init_from``): weights only, no optimizer or data state."""
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"checkpoint.init_from: {p} does not exist")
+    if not is_export_dir(p):
+        load_weights(p, model)
+        return
+    _, weights, _ = load_export(p)  # checksums verified, names mapped back to ours
+    set_full_weights(model, weights, f"export {p}")
 
 
 # --------------------------------------------------------------------------- command line
@@ -630,7 +469,7 @@ def run(args: argparse.Namespace) -> int:
     _check_out_dir(out, args.overwrite)
     parse_size(args.max_shard_size)
     print(f"reading {step_dir}", flush=True)
-    cfg, state_dict = load_checkpoint_weights(step_dir)
+    cfg, state_dict = read_model_weights(step_dir)
     n_params = sum(
         t.numel()
         for n, t in state_dict.items()

@@ -61,10 +61,10 @@ def generate(model, prompt_ids: Sequence[int], **kwargs) -> list[int]:
 
 def stop_token_ids(export_dir: str | Path) -> list[int]:
     """The end tokens of an export's ``generation_config.json`` (one id or a list)."""
-    from pretrain.export import GENERATION_CONFIG, _read_json
+    from pretrain.hf import GENERATION_CONFIG, read_json
 
     path = Path(export_dir) / GENERATION_CONFIG
-    eos = _read_json(path).get("eos_token_id")
+    eos = read_json(path).get("eos_token_id")
     ids = eos if isinstance(eos, list) else [eos]
     if not ids or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
         raise UserError(f"{path}: 'eos_token_id' must be a token id or a list of them, got {eos!r}")
@@ -110,7 +110,7 @@ def _device(name: str) -> torch.device:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pretrain.export import TOKENIZER
+    from pretrain.hf import TOKENIZER
     from pretrain.model import Transformer
     from pretrain.tokenizer import load_tokenizer
 

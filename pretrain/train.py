@@ -680,7 +680,7 @@ def _train(
 ) -> TrainResult:
     """Set the run up (data, checkpoints, model, optimizer, resume, log), train, summarise."""
     import kernels
-    from pretrain import checkpoint as ckpt
+    from pretrain import export
 
     t = config.train
     device, world, rank = dist_info.device, dist_info.world_size, dist_info.rank
@@ -700,7 +700,7 @@ def _train(
     if resume_from is not None:
         _resume(progress, checkpointer, resume_from, config, model, optimizer, train_loader, spikes)
     elif config.checkpoint.init_from:
-        ckpt.load_weights(config.checkpoint.init_from, model)
+        export.init_from(config.checkpoint.init_from, model)
 
     log = _open_log(config, out_dir, dist_info, progress.step)
     if dist_info.is_main:

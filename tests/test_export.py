@@ -23,7 +23,7 @@ import torch
 from pretrain import cli
 from pretrain.config import Config, ModelConfig, load_config
 from pretrain.errors import UserError
-from pretrain.export import load_export, read_export_config, verify_export
+from pretrain.export import load_export, load_model, read_export_config, verify_export
 from pretrain.generate import generate, stop_token_ids
 from pretrain.model import Transformer
 from pretrain.tokenizer import CHAT_TEMPLATE, EOS_TOKEN, load_tokenizer
@@ -114,7 +114,7 @@ def test_transformers_gives_our_logits_and_greedy_tokens(name, exports):
     assert ours.shape == theirs.shape == (2, 40, model.config.vocab_size)
     assert (ours - theirs).abs().max().item() < 1e-4
 
-    reloaded = Transformer.from_pretrained(export_dir)
+    reloaded = load_model(export_dir)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(tokens), ours, rtol=0, atol=0)
     assert (reloaded.lm_head.weight is reloaded.embed_tokens.weight) == model.config.tie_embeddings
@@ -215,12 +215,10 @@ def test_sharded_bf16_export(exports, tmp_path):
 
     tokens = torch.randint(0, cfg.vocab_size, (1, 16))
     hf = hf_model(out)
-    bf16 = Transformer.from_pretrained(out)
+    bf16 = load_model(out)
     assert bf16.lm_head.weight.dtype == torch.bfloat16
     with torch.no_grad():
-        assert (
-            hf(tokens).logits - Transformer.from_pretrained(out, dtype=torch.float32)(tokens)
-        ).abs().max() < 1e-4
+        assert (hf(tokens).logits - load_model(out, dtype=torch.float32)(tokens)).abs().max() < 1e-4
 
 
 def test_two_rank_fsdp_checkpoint_exports_like_one_rank(tiny_dataset, tmp_path):
@@ -274,7 +272,7 @@ def test_damaged_export_is_refused_by_name(exports, tmp_path):
     data = bytearray(weights.read_bytes())
     data[len(data) // 2] ^= 0x01
     weights.write_bytes(bytes(data))
-    for load in (load_export, Transformer.from_pretrained):
+    for load in (load_export, load_model):
         with pytest.raises(UserError, match=r"model\.safetensors fails its checksum"):
             load(damaged)
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from serve_helpers import ServerProcess, make_export
 
-from pretrain.model import Transformer
+from pretrain.export import load_model
 from pretrain.tokenizer import load_tokenizer
 
 KEY = "test-key-123"
@@ -48,7 +48,7 @@ def http(server):
 
 @pytest.fixture(scope="module")
 def model(export):
-    return Transformer.from_pretrained(export)
+    return load_model(export)
 
 
 @pytest.fixture(scope="module")
