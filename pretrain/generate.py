@@ -9,14 +9,18 @@ the sequence fills the model's context.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 
 import torch
 
 from pretrain.errors import UserError
+from pretrain.inference import load_for_inference, stop_token_ids
 from pretrain.sampling import sample_next_token
+from pretrain.text import IncrementalDetokenizer
+
+__all__ = ["generate", "generate_tokens", "run", "stop_token_ids"]
 
 
 @torch.no_grad()
@@ -59,18 +63,6 @@ def generate(model, prompt_ids: Sequence[int], **kwargs) -> list[int]:
     return list(generate_tokens(model, prompt_ids, **kwargs))
 
 
-def stop_token_ids(export_dir: str | Path) -> list[int]:
-    """The end tokens of an export's ``generation_config.json`` (one id or a list)."""
-    from pretrain.hf import GENERATION_CONFIG, read_json
-
-    path = Path(export_dir) / GENERATION_CONFIG
-    eos = read_json(path).get("eos_token_id")
-    ids = eos if isinstance(eos, list) else [eos]
-    if not ids or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
-        raise UserError(f"{path}: 'eos_token_id' must be a token id or a list of them, got {eos!r}")
-    return ids
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("export", metavar="DIR", help="an export directory (pretrain export)")
     parser.add_argument("--prompt", required=True, help="the text to continue")
@@ -89,44 +81,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _check_args(args: argparse.Namespace) -> None:
     if args.max_tokens < 1:
         raise UserError(f"--max-tokens must be at least 1, got {args.max_tokens}")
-    if args.temperature < 0:
-        raise UserError(f"--temperature must be >= 0, got {args.temperature}")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise UserError(f"--temperature must be a finite number >= 0, got {args.temperature}")
     if not 0 < args.top_p <= 1:
         raise UserError(f"--top-p must be in (0, 1], got {args.top_p}")
     if args.top_k < 0:
         raise UserError(f"--top-k must be >= 0 (0 is off), got {args.top_k}")
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"unknown --device {name!r}; use auto, cpu or cuda") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but no CUDA device is available")
-    return device
-
-
 def run(args: argparse.Namespace) -> int:
-    from pretrain.hf import TOKENIZER
-    from pretrain.model import Transformer
-    from pretrain.tokenizer import load_tokenizer
-
     _check_args(args)
-    device = _device(args.device)
-    model = Transformer.from_pretrained(args.export, device=device)
-    tokenizer = load_tokenizer(Path(args.export) / TOKENIZER)  # checked with the weights
-    prompt_ids = tokenizer.encode(args.prompt).ids or stop_token_ids(args.export)[:1]
-    if len(prompt_ids) >= model.config.max_seq_len:
+    loaded = load_for_inference(args.export, args.device, dtype=None)  # the export's own dtype
+    model, tokenizer = loaded.model, loaded.tokenizer
+    prompt_ids = tokenizer.encode(args.prompt).ids or loaded.eos_ids[:1]
+    if len(prompt_ids) >= loaded.max_len:
         raise UserError(
             f"the prompt is {len(prompt_ids)} tokens; the model's context holds "
-            f"{model.config.max_seq_len}, leaving no room to generate"
+            f"{loaded.max_len}, leaving no room to generate"
         )
-    stop = stop_token_ids(args.export)
-    new_ids: list[int] = []
-    printed = ""
+    stop = loaded.eos_ids
+    detokenizer = IncrementalDetokenizer(tokenizer)
     for token in generate_tokens(
         model,
         prompt_ids,
@@ -139,11 +113,7 @@ def run(args: argparse.Namespace) -> int:
     ):
         if token in stop:
             break
-        new_ids.append(token)
-        text = tokenizer.decode(new_ids)
-        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-            sys.stdout.write(text[len(printed) :])
-            sys.stdout.flush()
-            printed = text
-    sys.stdout.write(tokenizer.decode(new_ids)[len(printed) :] + "\n")
+        sys.stdout.write(detokenizer.push(token))  # "" until a character is whole
+        sys.stdout.flush()
+    sys.stdout.write(detokenizer.flush() + "\n")
     return 0
