@@ -209,25 +209,6 @@ class Transformer(nn.Module):
             n += self.lm_head.weight.numel()
         return 6 * n + 12 * cfg.n_layers * cfg.d_model * seq_len
 
-    @classmethod
-    def from_pretrained(
-        cls, path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
-    ) -> Transformer:
-        """A model from an export directory (``pretrain export``), after checking its checksums.
-
-        ``dtype`` None keeps the export's dtype. Only safetensors and JSON are read, no pickle.
-        """
-        from pretrain.export import load_export
-
-        cfg, state_dict, _ = load_export(path, verify=True)
-        with torch.device("meta"):
-            model = cls(cfg)
-        state_dict = {k: v.to(device=device, dtype=dtype or v.dtype) for k, v in state_dict.items()}
-        model.load_state_dict(state_dict, assign=True)
-        if cfg.tie_embeddings:
-            model.lm_head.weight = model.embed_tokens.weight
-        return model.eval()
-
 
 class RowwiseHead:
     """The output projection computed for each row on its own, in one batched call.
