@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 from pretrain.chat import ROLES
 from pretrain.errors import UserError
 from pretrain.serve.api import APIError, now, too_long_error
+from pretrain.serve.metrics import Metrics
 
 if TYPE_CHECKING:
     from pretrain.inference import LoadedModel
@@ -61,7 +62,7 @@ class ServerState:
     load_error: str | None = None
     draining: bool = False
     active: int = 0  # generations whose HTTP answer is not finished
-    metrics: object = None
+    metrics: Metrics | None = None
     created: int = field(default_factory=now)
 
     def authorize(self, header: str) -> None:
@@ -102,7 +103,6 @@ class ServerState:
     def load(self, on_failure) -> None:
         """Load the export and start the engine (on a thread; /health answers 503 meanwhile)."""
         from pretrain.serve.engine import Engine
-        from pretrain.serve.metrics import Metrics
 
         try:
             # Imported here, not with the module, so that the port is bound before torch loads.
