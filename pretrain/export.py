@@ -46,7 +46,6 @@ from pretrain.errors import UserError
 from pretrain.hf import (
     CONFIG,
     GENERATION_CONFIG,
-    HF_DTYPE_NAMES,
     METADATA_FILES,
     TOKENIZER,
     TOKENIZER_CONFIG,
@@ -56,7 +55,6 @@ from pretrain.hf import (
     generation_config,
     hf_config,
     is_export_dir,
-    model_config_from_hf,
     read_export_config,
     read_json,
     to_hf_names,
@@ -65,10 +63,9 @@ from pretrain.hf import (
 from pretrain.model import Transformer
 from pretrain.tokenizer import END_OF_TURN, EOS_TOKEN, load_tokenizer
 
-__all__ = [  # the layout names stay importable from here, next to the writer
+__all__ = [  # with the layout names of pretrain.hf that callers may still import from here
     "CONFIG",
     "GENERATION_CONFIG",
-    "HF_DTYPE_NAMES",
     "METADATA_FILES",
     "TOKENIZER",
     "TOKENIZER_CONFIG",
@@ -79,7 +76,6 @@ __all__ = [  # the layout names stay importable from here, next to the writer
     "init_from",
     "load_export",
     "load_model",
-    "model_config_from_hf",
     "read_checkpoint_config",
     "read_export_config",
     "resolve_checkpoint",
