@@ -184,30 +184,29 @@ async def detokenize(answer: Annotated[dict, prepared(openai.detokenize)]):
     return answer
 
 
+CompletionWork = Annotated[openai.Prepared, prepared(openai.prepare_completion)]
+ChatWork = Annotated[openai.Prepared, prepared(openai.prepare_chat)]
+
+
 @_post("/v1/completions", CompletionRequest, 400, 401, 404, 413, 429, 503, streams=True)
-async def completions(
-    request: Request,
-    state: State,
-    prep: Annotated[openai.Prepared, prepared(openai.prepare_completion)],
-):
-    return await _generate(
-        request, state, prep, "cmpl", openai.completion_stream, openai.completion_response
-    )
+async def completions(request: Request, state: State, prep: CompletionWork):
+    stream, respond = openai.completion_stream, openai.completion_response
+    return await _generate(request, state, prep, "cmpl", stream, respond)
 
 
 @_post("/v1/chat/completions", ChatRequest, 400, 401, 404, 413, 429, 503, streams=True)
-async def chat_completions(
-    request: Request,
-    state: State,
-    prep: Annotated[openai.Prepared, prepared(openai.prepare_chat)],
-):
-    return await _generate(
-        request, state, prep, "chatcmpl", openai.chat_stream, openai.chat_response
-    )
+async def chat_completions(request: Request, state: State, prep: ChatWork):
+    stream, respond = openai.chat_stream, openai.chat_response
+    return await _generate(request, state, prep, "chatcmpl", stream, respond)
 
 
 async def _generate(
-    request: Request, state: ServerState, prep: openai.Prepared, prefix, stream, respond
+    request: Request,
+    state: ServerState,
+    prep: openai.Prepared,
+    prefix: str,
+    stream: Callable[..., AsyncIterator[bytes]],
+    respond: Callable[..., dict],
 ):
     """Submit the prepared requests; stream the outputs or answer once they are all done."""
     gen = Generation(state, prep.specs, prep.req.n)
