@@ -23,7 +23,6 @@ The result is a normal checkpoint, with the init's tokenizer: ``pretrain export`
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -32,6 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from pretrain.checkpoint import find_checkpoint
 from pretrain.config import (
     Config,
     ConfigError,
@@ -41,6 +41,8 @@ from pretrain.config import (
     parse_overrides,
 )
 from pretrain.errors import UserError
+from pretrain.hf import CONFIG, TOKENIZER, TOKENIZER_CONFIG, read_export_config
+from pretrain.parallel import DistInfo
 from pretrain.sft import (
     ChatTemplate,
     Document,
@@ -52,6 +54,7 @@ from pretrain.sft import (
     tokenize_conversations,
 )
 from pretrain.tokenizer import CHAT_TEMPLATE, EOS_TOKEN, load_tokenizer
+from pretrain.train import TrainData, TrainResult, train
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -83,9 +86,7 @@ def read_init(path: str | os.PathLike) -> InitSource:
     p = Path(path)
     if not p.exists():
         raise UserError(f"--init-from {p} does not exist: give a checkpoint, a run or an export")
-    if (p / "config.json").is_file():
-        from pretrain.export import TOKENIZER, TOKENIZER_CONFIG, read_export_config
-
+    if (p / CONFIG).is_file():
         template = CHAT_TEMPLATE
         tok_config = p / TOKENIZER_CONFIG
         if tok_config.is_file():
@@ -94,8 +95,6 @@ def read_init(path: str | os.PathLike) -> InitSource:
             except json.JSONDecodeError as e:
                 raise UserError(f"{tok_config} is not valid JSON: {e}") from None
         return InitSource(p, "export", read_export_config(p), p / TOKENIZER, template)
-    from pretrain.checkpoint import find_checkpoint
-
     step_dir = find_checkpoint(p)
     config_path = step_dir / "config.toml"
     if not config_path.is_file():
@@ -210,7 +209,9 @@ def loader_factory(config: Config, docs: list[Document], pad_id: int, *, train: 
 
 def build_config(
     config_path: str | None, overrides: list[tuple[str, str]], init: InitSource
-) -> Config:
+) -> tuple[Config, SFTData]:
+    """The resolved config of a fine-tuning run, with its data: the model shape of the init,
+    then the length, which follows from the data (see :func:`fit_length_to_data`)."""
     path = Path(config_path) if config_path else DEFAULT_CONFIG
     if config_path is None and not path.is_file():
         path = None  # an installed package without the repo's configs/: built-in defaults
@@ -222,56 +223,80 @@ def build_config(
     config.checkpoint.init_from = str(init.path)
     if config.data.seq_len > config.model.max_seq_len:
         config.data.seq_len = config.model.max_seq_len
-    return config
-
-
-def finetune(config: Config, out_dir: str | Path, init: InitSource | None = None):
-    """Fine-tune as ``config`` says (``finetune.data``, ``checkpoint.init_from``) into ``out_dir``.
-
-    Returns the trainer's :class:`pretrain.train.TrainResult`.
-    """
-    from pretrain.checkpoint import lock_run_dir
-    from pretrain.train import train
-
-    init = init or read_init(config.checkpoint.init_from)
     if not config.finetune.data:
         raise UserError("no fine-tuning data: pass --data FILE.jsonl")
     data = prepare_data(config, init)
-    main_rank = int(os.environ.get("RANK", "0")) == 0
-    train_loader = loader_factory(config, data.train_docs, data.pad_id, train=True)
-    rows = train_loader(0, 1).rows_per_epoch()
+    fit_length_to_data(config, data)
+    return config, data
+
+
+def fit_length_to_data(config: Config, data: SFTData) -> None:
+    """``train.steps`` from ``finetune.epochs`` passes over the packed rows (unless epochs is 0),
+    and no more evaluation batches than the val split holds; the counts go into the summary."""
+    batch = config.train.global_batch_size
+    rows = loader_factory(config, data.train_docs, data.pad_id, train=True)(0, 1).rows_per_epoch()
     if config.finetune.epochs > 0:
-        config.train.steps = max(
-            1, math.ceil(config.finetune.epochs * rows / config.train.global_batch_size)
-        )
-    val_loader = None
+        config.train.steps = max(1, math.ceil(config.finetune.epochs * rows / batch))
     if data.val_docs:
-        val_loader = loader_factory(config, data.val_docs, data.pad_id, train=False)
-        val_rows = val_loader(0, 1).rows_per_epoch()
+        val = loader_factory(config, data.val_docs, data.pad_id, train=False)
         config.eval.batches = min(
-            config.eval.batches, math.ceil(val_rows / config.train.global_batch_size)
+            config.eval.batches, math.ceil(val(0, 1).rows_per_epoch() / batch)
         )
     data.summary.update(rows_per_epoch=rows, steps=config.train.steps)
-    # Lock --out before finetune_data.json goes into it; the trainer takes the lock again.
-    with lock_run_dir(out_dir) if main_rank else contextlib.nullcontext():
-        if main_rank:
+
+
+def sft_train_data(config: Config, data: SFTData, init: InitSource, out_dir: Path) -> TrainData:
+    """The trainer's data source for fine-tuning: SFT loaders, no bits per byte (rows are
+    conversations, not text), the init's tokenizer, and the data report written by the main
+    rank into the locked run directory."""
+
+    def report(dist_info: DistInfo) -> None:
+        if dist_info.is_main:
             print(data.summary["report"], flush=True)
-            print(
-                f"{rows} packed rows per epoch of {config.train.global_batch_size} per step: "
-                f"{config.train.steps} steps ({config.train.steps * config.train.global_batch_size / rows:.2f} epochs)"
-                if config.finetune.packing
-                else f"{rows} rows per epoch: {config.train.steps} steps",
-                flush=True,
-            )
-            _write_summary(Path(out_dir), data.summary)
-        return train(
-            config,
-            out_dir,
-            make_train_loader=train_loader,
-            make_val_loader=val_loader,
-            bytes_per_token=None,
-            tokenizer_path=init.tokenizer_path,
-        )
+            print(_length_line(config, data.summary["rows_per_epoch"]), flush=True)
+            _write_summary(out_dir, data.summary)
+
+    return TrainData(
+        make_train=loader_factory(config, data.train_docs, data.pad_id, train=True),
+        make_val=(
+            loader_factory(config, data.val_docs, data.pad_id, train=False)
+            if data.val_docs
+            else None
+        ),
+        bytes_per_token=None,
+        tokenizer_path=init.tokenizer_path,
+        on_start=report,
+    )
+
+
+def _length_line(config: Config, rows: int) -> str:
+    t = config.train
+    if not config.finetune.packing:
+        return f"{rows} rows per epoch: {t.steps} steps"
+    return (
+        f"{rows} packed rows per epoch of {t.global_batch_size} per step: "
+        f"{t.steps} steps ({t.steps * t.global_batch_size / rows:.2f} epochs)"
+    )
+
+
+def finetune(
+    config: Config,
+    out_dir: str | Path,
+    init: InitSource | None = None,
+    data: SFTData | None = None,
+) -> TrainResult:
+    """Fine-tune as ``config`` says (``finetune.data``, ``checkpoint.init_from``) into ``out_dir``.
+
+    ``config`` and ``data`` are :func:`build_config`'s; a config built otherwise has its data
+    read and its length fitted to it here.
+    """
+    init = init or read_init(config.checkpoint.init_from)
+    if data is None:
+        if not config.finetune.data:
+            raise UserError("no fine-tuning data: pass --data FILE.jsonl")
+        data = prepare_data(config, init)
+        fit_length_to_data(config, data)
+    return train(config, out_dir, sft_train_data(config, data, init, Path(out_dir)))
 
 
 def _write_summary(out_dir: Path, summary: dict[str, Any]) -> None:
@@ -325,8 +350,8 @@ def run(args: argparse.Namespace) -> int:
     if args.skip_bad_rows:
         overrides.append(("finetune.skip_bad_rows", "true"))
     init = read_init(args.init_from)
-    config = build_config(args.config, overrides, init)
-    finetune(config, args.out, init)
+    config, data = build_config(args.config, overrides, init)
+    finetune(config, args.out, init, data)
     return 0
 
 

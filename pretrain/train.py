@@ -11,21 +11,16 @@ accumulation and the number of ranks change neither the loss nor the gradient.
 
 Reuse (fine-tuning calls the same loop with its own data)::
 
-    train(config, out_dir, *, make_train_loader=None, make_val_loader=None,
-          bytes_per_token=None, tokenizer_path=None) -> TrainResult
+    train(config, out_dir, data=None) -> TrainResult
 
 - ``config``: a :class:`pretrain.config.Config` (or a subclass with extra sections); only the
   ``model``, ``data.seq_len``, ``train``, ``optimizer``, ``eval``, ``logging`` and ``checkpoint``
   sections are read here.
-- ``make_train_loader(rank, world_size)`` / ``make_val_loader(rank, world_size)``: build a loader
-  whose ``next()`` returns a batch with ``inputs`` and ``targets`` (int64, ``(G // world_size,
-  T)`` rows of the global batch of ``G = train.global_batch_size`` sequences; targets -100 where
-  no loss is wanted) and ``doc_ids`` (or None), with ``state_dict()``/``load_state_dict()``. The
-  val factory is called afresh for every evaluation, so each one sees the same batches. Both
-  default to :class:`pretrain.data.TokenLoader` over ``data.path``.
-- ``bytes_per_token``: UTF-8 bytes per token of the val split, for bits per byte (default: from
-  the data manifest; None disables bpb).
-- ``tokenizer_path``: the ``tokenizer.json`` copied into every checkpoint (default: the data's).
+- ``data``: a :class:`TrainData`, the run's data source: loader factories for the train and val
+  splits (each loader a :class:`Loader`), bytes per token and the tokenizer. None: the
+  :class:`pretrain.data.TokenLoader` splits of ``data.path`` and its manifest.
+
+The optimizer, its parameter groups and the schedule are :mod:`pretrain.optim`'s.
 
 Checkpoints, resume and weight initialisation follow ``config.checkpoint`` (see
 :mod:`pretrain.checkpoint`).
@@ -35,19 +30,26 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import math
 import os
+import random
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+import numpy as np
 import torch
 
+import kernels
+from pretrain.checkpoint import Checkpointer, lock_run_dir
 from pretrain.config import (
+    Config,
     ConfigError,
     config_help,
     config_to_toml,
@@ -56,8 +58,20 @@ from pretrain.config import (
     save_config,
     validate_config,
 )
+from pretrain.data import TokenLoader, VerifiedShards, load_manifest
 from pretrain.errors import UserError
+from pretrain.export import init_from
 from pretrain.metrics import MetricsLogger, mfu, peak_flops, peak_memory_gb
+from pretrain.model import Transformer
+from pretrain.optim import (
+    apply_hyperparameters,
+    build_optimizer,
+    lr_at,
+    param_groups,  # noqa: F401  (part of this module's interface for scripts)
+    set_lr,
+    snapshot_params,
+    update_rms,
+)
 from pretrain.parallel import (
     DistInfo,
     all_reduce_sum,
@@ -70,7 +84,39 @@ from pretrain.parallel import (
 
 ACCEPTS_OVERRIDES = True
 
-LoaderFactory = Callable[[int, int], Any]
+
+class Loader(Protocol):
+    """What the loop reads batches from: ``next()`` gives a batch with ``inputs`` and ``targets``
+    (int64, ``(G // world_size, T)`` rows of the global batch of ``G = train.global_batch_size``
+    sequences; targets -100 where no loss is wanted) and ``doc_ids`` (or None); its position is
+    ``state_dict()`` / ``load_state_dict()``, kept in every checkpoint."""
+
+    def __next__(self) -> Any: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+LoaderFactory = Callable[[int, int], Loader]  # (rank, world_size) -> that rank's loader
+
+
+@dataclass
+class TrainData:
+    """A run's data source: what :func:`train` reads and what its checkpoints carry along.
+
+    ``make_val`` is called afresh for every evaluation, so each one sees the same batches (None:
+    no evaluation). ``bytes_per_token`` (UTF-8 bytes per token of the val split) gives bits per
+    byte (None: no bpb). ``tokenizer_path`` is copied into every checkpoint. ``on_start`` runs on
+    every rank once the run directory is locked, before the run starts, so that a caller can
+    write its own files into it (fine-tuning's data report).
+    """
+
+    make_train: LoaderFactory
+    make_val: LoaderFactory | None = None
+    bytes_per_token: float | None = None
+    tokenizer_path: Path | None = None
+    on_start: Callable[[DistInfo], None] | None = None
 
 
 # --------------------------------------------------------------------------- command line
@@ -97,79 +143,6 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-# --------------------------------------------------------------------------- schedule
-
-
-def lr_at(step: int, cfg) -> float:
-    """Learning rate for optimizer step ``step`` (0-based): linear warmup, then the schedule.
-
-    ``cosine`` and ``linear`` decay from ``lr`` to ``lr * min_lr_ratio`` at the last step;
-    ``wsd`` (warmup-stable-decay) holds ``lr`` and decays linearly over the final
-    ``decay_fraction`` of the steps; ``constant`` holds it.
-    """
-    peak, floor = cfg.lr, cfg.lr * cfg.min_lr_ratio
-    if step < cfg.warmup_steps:
-        return peak * (step + 1) / cfg.warmup_steps
-    if cfg.schedule == "constant":
-        return peak
-    if cfg.schedule == "wsd":
-        decay_steps = max(1, round(cfg.decay_fraction * cfg.steps))
-        decay_start = max(cfg.warmup_steps, cfg.steps - decay_steps)
-        if step < decay_start:
-            return peak
-        progress = min(1.0, (step - decay_start + 1) / max(1, cfg.steps - decay_start))
-        return peak + (floor - peak) * progress
-    span = max(1, cfg.steps - cfg.warmup_steps - 1)
-    progress = min(1.0, (step - cfg.warmup_steps) / span)
-    if cfg.schedule == "linear":
-        return peak + (floor - peak) * progress
-    return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-# --------------------------------------------------------------------------- optimizer
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Two AdamW groups: decay on matrices, none on norms, other 1-D parameters and embeddings."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if p.dim() < 2 or "embed_tokens" in name:
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-
-
-def build_optimizer(model: torch.nn.Module, config, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW: the project's fused kernel for ``adamw`` on CUDA (when built), else PyTorch's."""
-    opt = config.optimizer
-    groups = param_groups(model, opt.weight_decay)
-    kwargs = dict(lr=config.train.lr, betas=(opt.beta1, opt.beta2), eps=opt.eps)
-    if opt.name == "adamw" and device.type == "cuda":
-        import kernels
-
-        kernel_adamw = getattr(kernels, "AdamW", None)
-        if kernel_adamw is not None:
-            return kernel_adamw(groups, **kwargs)
-    if device.type == "cuda":
-        kwargs["fused"] = True
-    return torch.optim.AdamW(groups, **kwargs)
-
-
-def apply_hyperparameters(optimizer: torch.optim.Optimizer, config) -> None:
-    """Make the optimizer follow the config (after a resume restored the old param groups)."""
-    opt = config.optimizer
-    for group, wd in zip(optimizer.param_groups, (opt.weight_decay, 0.0)):
-        group["weight_decay"] = wd
-        group["betas"] = (opt.beta1, opt.beta2)
-        group["eps"] = opt.eps
-
-
 # --------------------------------------------------------------------------- the step
 
 
@@ -179,6 +152,7 @@ class StepStats:
     grad_norm: float
     tokens: int  # target tokens in the global batch
     skipped: bool = False
+    update_rms: dict[str, float] | None = None  # per group kind, when the step measured it
 
 
 class TrainingDiverged(UserError):
@@ -231,7 +205,7 @@ class SpikeDetector:
         self.consecutive_skips = 0
 
     @classmethod
-    def from_config(cls, config) -> SpikeDetector:
+    def from_config(cls, config: Config) -> SpikeDetector:
         """The guard ``config.train`` asks for (its divergence checks are always on)."""
         t = config.train
         factor = t.diverge_loss_factor
@@ -393,12 +367,16 @@ def train_step(
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     spikes: SpikeDetector | None = None,
     skip_spikes: bool = True,
+    measure_update: bool = False,
 ) -> StepStats:
     """One optimizer step on one global batch.
 
     A divergence (see :class:`SpikeDetector`; without one, a non-finite loss or gradient norm)
     raises :class:`TrainingDiverged` before the update; with ``skip_spikes`` a loss spike
     skips the update. Both decisions use the global loss and norm, so every rank takes them alike.
+    ``lr`` is the schedule's rate, which each parameter group scales by its own ``lr_scale``
+    (:func:`pretrain.optim.set_lr`). ``measure_update`` adds the RMS of the update of each kind of
+    group (a copy of the parameters for the step: logging steps only).
     """
     loss, tokens = forward_backward(
         model,
@@ -417,12 +395,15 @@ def train_step(
     if skip_spikes and guard.is_spike(loss):
         optimizer.zero_grad(set_to_none=True)
         return StepStats(loss=loss, grad_norm=grad_norm, tokens=tokens, skipped=True)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
+    set_lr(optimizer, lr)
+    before = snapshot_params(optimizer) if measure_update else None
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     guard.update(loss, grad_norm)
-    return StepStats(loss=loss, grad_norm=grad_norm, tokens=tokens)
+    rms = None
+    if before is not None:
+        rms = update_rms(optimizer, before, lambda values: all_reduce_sum(values, device))
+    return StepStats(loss=loss, grad_norm=grad_norm, tokens=tokens, update_rms=rms)
 
 
 @torch.no_grad()
@@ -452,7 +433,7 @@ def evaluate(
 # --------------------------------------------------------------------------- setup
 
 
-def check_config(config, world_size: int) -> int:
+def check_config(config: Config, world_size: int) -> int:
     """Check what only the run can know; return the gradient accumulation steps.
 
     Every single value was checked when the config was loaded; it is checked again here
@@ -477,17 +458,15 @@ def check_config(config, world_size: int) -> int:
     return t.global_batch_size // per_pass
 
 
-def _param_dtype(config, device: torch.device) -> torch.dtype:
+def _param_dtype(config: Config, device: torch.device) -> torch.dtype:
     dtype = config.train.dtype
     if dtype == "auto":
         dtype = "bf16" if device.type == "cuda" else "fp32"
     return torch.bfloat16 if dtype == "bf16" else torch.float32
 
 
-def _data_loaders(config, dist_info: DistInfo):
-    """TokenLoader factories over ``data.path``, after checking the data against the model."""
-    from pretrain.data import TokenLoader, VerifiedShards, load_manifest
-
+def _default_data(config: Config) -> TrainData:
+    """The TokenLoader splits of ``data.path``, after checking the data against the model."""
     verified = VerifiedShards()  # every loader made here skips the files another one hashed
     data_dir = Path(config.data.path)
     if not data_dir.is_dir():
@@ -523,7 +502,7 @@ def _data_loaders(config, dist_info: DistInfo):
     val_tokens, val_bytes = manifest.num_tokens("val"), manifest.num_bytes("val")
     bytes_per_token = val_bytes / val_tokens if val_tokens and val_bytes else None
     make_val = make("val") if val_tokens else None
-    return make("train"), make_val, bytes_per_token, Path(manifest.tokenizer_path)
+    return TrainData(make("train"), make_val, bytes_per_token, Path(manifest.tokenizer_path))
 
 
 class Preemption:
@@ -554,8 +533,6 @@ class Preemption:
         return None
 
     def __enter__(self) -> Preemption:
-        import threading
-
         if threading.current_thread() is threading.main_thread():
             for name in self.SIGNALS:
                 sig = getattr(signal, name, None)
@@ -572,10 +549,6 @@ class Preemption:
 
 
 def seed_everything(seed: int) -> None:
-    import random
-
-    import numpy as np
-
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -596,16 +569,12 @@ class TrainResult:
 # --------------------------------------------------------------------------- the loop
 
 
-def train(
-    config,
-    out_dir: str | Path,
-    *,
-    make_train_loader: LoaderFactory | None = None,
-    make_val_loader: LoaderFactory | None = None,
-    bytes_per_token: float | None = None,
-    tokenizer_path: str | Path | None = None,
-) -> TrainResult:
-    """Train ``config.model`` and write the run (config, metrics, checkpoints) to ``out_dir``."""
+def train(config: Config, out_dir: str | Path, data: TrainData | None = None) -> TrainResult:
+    """Train ``config.model`` and write the run (config, metrics, checkpoints) to ``out_dir``.
+
+    ``data`` is the run's data source (None: the prepared data at ``data.path``). The kernel
+    backend ``train.kernels`` holds for the run and the previous one is back afterwards.
+    """
     device_type = resolve_device(config.train.device)
     if config.train.kernels == "triton" and device_type == "cpu":
         if os.environ.get("TRITON_INTERPRET") != "1":
@@ -613,40 +582,43 @@ def train(
                 "train.kernels = triton on a CPU needs TRITON_INTERPRET=1 in the environment "
                 "(very slow; for tests only); use --train.kernels auto"
             )
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    check_config(config, world_size)
+    accum = check_config(config, int(os.environ.get("WORLD_SIZE", "1")))
     dist_info = init_distributed(device_type)
     try:
-        from pretrain.checkpoint import lock_run_dir
-
-        with lock_run_dir(out_dir, dist_info):  # one trainer per run directory (rank 0 holds it)
-            return _train(
-                config,
-                Path(out_dir),
-                dist_info,
-                make_train_loader=make_train_loader,
-                make_val_loader=make_val_loader,
-                bytes_per_token=bytes_per_token,
-                tokenizer_path=tokenizer_path,
-            )
+        # one trainer per run directory (rank 0 holds the lock)
+        with lock_run_dir(out_dir, dist_info), kernels.backend(config.train.kernels):
+            return _train(config, Path(out_dir), dist_info, data, accum)
     finally:
         destroy_distributed()
 
 
+class Stateful(Protocol):
+    """Anything whose state a checkpoint keeps: the loader, the spike guard, ..."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
 @dataclass
 class _Run:
-    """The parts of one run that the loop, its evaluations and its checkpoints all use."""
+    """The parts of one run that the loop, its evaluations and its checkpoints all use.
 
-    config: Any
+    ``states`` are the loop's stateful objects beside the model and optimizer, saved under their
+    names in every checkpoint's trainer state and restored on resume: a new piece of loop state
+    is one more entry here. ``loader`` is each rank's own (the checkpointer keeps one per rank).
+    """
+
+    config: Config
     dist_info: DistInfo
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     autocast: Callable[[], contextlib.AbstractContextManager]
-    train_loader: Any
-    make_val_loader: LoaderFactory | None
-    bytes_per_token: float | None
+    train_loader: Loader
+    data: TrainData
     spikes: SpikeDetector
-    checkpointer: Any
+    states: dict[str, Stateful]
+    checkpointer: Checkpointer
     log: MetricsLogger
     flops_per_token: float
     peak_flops: float | None
@@ -667,70 +639,20 @@ class _Progress:
     signal: str | None = None  # the signal that preempted the run on this rank, if any
     batch: Any = None  # the latest step's batch
 
+    def state_dict(self) -> dict[str, int]:
+        return {"step": self.step, "tokens_seen": self.tokens_seen, "skipped": self.skipped}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+        self.skipped = state["skipped"]
+
 
 def _train(
-    config,
-    out_dir: Path,
-    dist_info: DistInfo,
-    *,
-    make_train_loader,
-    make_val_loader,
-    bytes_per_token,
-    tokenizer_path,
+    config: Config, out_dir: Path, dist_info: DistInfo, data: TrainData | None, accum: int
 ) -> TrainResult:
-    """Set the run up (data, checkpoints, model, optimizer, resume, log), train, summarise."""
-    import kernels
-    from pretrain import export
-
-    t = config.train
-    device, world, rank = dist_info.device, dist_info.world_size, dist_info.rank
-    accum = check_config(config, world)
-    if make_train_loader is None:
-        make_train_loader, make_val_loader, bytes_per_token, tokenizer_path = _default_data(
-            config, dist_info, make_val_loader, bytes_per_token, tokenizer_path
-        )
-    kernels.set_backend(t.kernels)
-    checkpointer, resume_from = _open_checkpointer(config, out_dir, dist_info, tokenizer_path)
-    model, param_dtype, flops_per_token, n_params = _build_model(config, dist_info)
-    optimizer = build_optimizer(model, config, device)
-    train_loader = make_train_loader(rank, world)
-    spikes = SpikeDetector.from_config(config)
-
-    progress = _Progress()
-    if resume_from is not None:
-        _resume(progress, checkpointer, resume_from, config, model, optimizer, train_loader, spikes)
-    elif config.checkpoint.init_from:
-        export.init_from(config.checkpoint.init_from, model)
-
-    log = _open_log(config, out_dir, dist_info, progress.step)
-    if dist_info.is_main:
-        _write_run_header(
-            config,
-            out_dir,
-            log,
-            dist_info,
-            step=progress.step,
-            resume_from=resume_from,
-            n_params=n_params,
-            param_dtype=param_dtype,
-            accum=accum,
-        )
-    run = _Run(
-        config=config,
-        dist_info=dist_info,
-        model=model,
-        optimizer=optimizer,
-        autocast=_autocast_factory(param_dtype, dist_info),
-        train_loader=train_loader,
-        make_val_loader=make_val_loader,
-        bytes_per_token=bytes_per_token,
-        spikes=spikes,
-        checkpointer=checkpointer,
-        log=log,
-        flops_per_token=flops_per_token,
-        peak_flops=peak_flops(device),
-    )
-
+    """Set the run up, train, and record how it ended in ``status.json``."""
+    run, progress, resume_from = _set_up(config, out_dir, dist_info, data, accum)
+    t, checkpointer, log = config.train, run.checkpointer, run.log
     status = _StatusFile(out_dir, enabled=dist_info.is_main)
     status.write("running", step=progress.step, checkpoint=resume_from)
     try:
@@ -757,12 +679,67 @@ def _train(
                 message=f"{type(e).__name__}: {e}"[:1000],
             )
         raise
+    return _finish(run, progress, status, out_dir)
+
+
+def _set_up(
+    config: Config, out_dir: Path, dist_info: DistInfo, data: TrainData | None, accum: int
+) -> tuple[_Run, _Progress, Path | None]:
+    """Data, checkpointer, model, optimizer (after FSDP2: it steps the sharded parameters),
+    resume or initial weights, and the log; returns the run, where it stands and what it
+    resumed from."""
+    device, world, rank = dist_info.device, dist_info.world_size, dist_info.rank
+    data = data or _default_data(config)
+    if data.on_start is not None:
+        data.on_start(dist_info)
+    checkpointer, resume_from = _open_checkpointer(config, out_dir, dist_info, data.tokenizer_path)
+    model, param_dtype, flops_per_token, n_params = _build_model(config, dist_info)
+    optimizer = build_optimizer(model, config, device)
+    train_loader, spikes = data.make_train(rank, world), SpikeDetector.from_config(config)
+    states: dict[str, Stateful] = {"spikes": spikes, "loader": train_loader}
+    progress = _Progress()
+    if resume_from is not None:
+        _resume(checkpointer, resume_from, config, model, optimizer, progress, states)
+    elif config.checkpoint.init_from:
+        init_from(config.checkpoint.init_from, model)
+    run = _Run(
+        config=config,
+        dist_info=dist_info,
+        model=model,
+        optimizer=optimizer,
+        autocast=_autocast_factory(param_dtype, dist_info),
+        train_loader=train_loader,
+        data=data,
+        spikes=spikes,
+        states=states,
+        checkpointer=checkpointer,
+        log=_open_log(config, out_dir, dist_info, progress.step),
+        flops_per_token=flops_per_token,
+        peak_flops=peak_flops(device),
+    )
+    if dist_info.is_main:
+        _write_run_header(
+            config,
+            out_dir,
+            run.log,
+            dist_info,
+            step=progress.step,
+            resume_from=resume_from,
+            n_params=n_params,
+            param_dtype=param_dtype,
+            accum=accum,
+        )
+    return run, progress, resume_from
+
+
+def _finish(run: _Run, progress: _Progress, status: _StatusFile, out_dir: Path) -> TrainResult:
+    """The end of a run that was not stopped by an error: summary, status and the result."""
     barrier()
     state = "preempted" if progress.preempted else "finished"
-    if dist_info.is_main and not progress.preempted:
-        log.print(_summary_line(progress, t.steps, out_dir))
-    log.close()
-    saved = progress.last_saved or checkpointer.latest()  # a resumed run may have had no steps
+    if run.dist_info.is_main and not progress.preempted:
+        run.log.print(_summary_line(progress, run.config.train.steps, out_dir))
+    run.log.close()
+    saved = progress.last_saved or run.checkpointer.latest()  # a resumed run may have had no steps
     status.write(state, step=progress.step, checkpoint=saved, signal=progress.signal)
     return TrainResult(
         out_dir=out_dir,
@@ -809,8 +786,6 @@ class _StatusFile:
     def write(self, state: str, *, step: int, checkpoint: Path | None = None, **extra) -> None:
         if not self.enabled:
             return
-        import json
-
         record = {
             "state": state,
             "step": step,
@@ -833,30 +808,15 @@ class _StatusFile:
 # --------------------------------------------------------------------------- setting a run up
 
 
-def _default_data(config, dist_info: DistInfo, make_val_loader, bytes_per_token, tokenizer_path):
-    """Loaders over ``data.path`` when the caller brought none (pretraining, not fine-tuning).
-
-    Whatever the caller did pass (a val loader, bytes per token, a tokenizer) wins over what
-    the data manifest says.
-    """
-    default_train, default_val, default_bpt, default_tok = _data_loaders(config, dist_info)
-    return (
-        default_train,
-        make_val_loader or default_val,
-        bytes_per_token if bytes_per_token is not None else default_bpt,
-        tokenizer_path or default_tok,
-    )
-
-
-def _open_checkpointer(config, out_dir: Path, dist_info: DistInfo, tokenizer_path):
+def _open_checkpointer(
+    config: Config, out_dir: Path, dist_info: DistInfo, tokenizer_path: Path | None
+) -> tuple[Checkpointer, Path | None]:
     """The run's checkpointer and the checkpoint to resume from (None: start fresh).
 
     Starting fresh in a directory that holds an earlier run's checkpoints is refused: the new
     run would write its checkpoints among the old ones.
     """
-    from pretrain import checkpoint as ckpt
-
-    checkpointer = ckpt.Checkpointer(
+    checkpointer = Checkpointer(
         out_dir, dist_info=dist_info, config=config, tokenizer_path=tokenizer_path
     )
     resume_from = checkpointer.resolve_resume(config.checkpoint.resume)
@@ -868,14 +828,14 @@ def _open_checkpointer(config, out_dir: Path, dist_info: DistInfo, tokenizer_pat
     return checkpointer, resume_from
 
 
-def _build_model(config, dist_info: DistInfo):
+def _build_model(
+    config: Config, dist_info: DistInfo
+) -> tuple[torch.nn.Module, torch.dtype, float, int]:
     """Seed, build the model and parallelize it; return it with its dtype, FLOPs/token, size.
 
     Seeding comes first so that the initial weights depend on ``train.seed`` alone; FLOPs and
     parameter count are read before :func:`parallelize` shards the parameters.
     """
-    from pretrain.model import Transformer
-
     t = config.train
     seed_everything(t.seed)
     model = Transformer(config.model)
@@ -916,24 +876,31 @@ def _autocast_factory(
 
 
 def _resume(
-    progress: _Progress, checkpointer, path: Path, config, model, optimizer, train_loader, spikes
+    checkpointer: Checkpointer,
+    path: Path,
+    config: Config,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    progress: _Progress,
+    states: dict[str, Stateful],
 ) -> None:
-    """Continue from checkpoint ``path``: weights, optimizer, counters, data position, RNG, spikes.
+    """Continue from checkpoint ``path``: weights, optimizer, counters, RNG and every one of
+    ``states`` (the loader at this rank's data position).
 
     The config's optimizer hyperparameters are applied over the restored param groups, so the
     resumed run follows the config it is given now, not the one saved with the checkpoint.
     """
     state = checkpointer.load(path, model, optimizer)
     apply_hyperparameters(optimizer, config)
-    progress.step, progress.tokens_seen = state["step"], state["tokens_seen"]
-    progress.skipped = state["skipped"]
-    train_loader.load_state_dict(checkpointer.loader_state_for_rank(state))
+    progress.load_state_dict(state)
+    for name, stateful in states.items():
+        saved = checkpointer.loader_state_for_rank(state) if name == "loader" else state.get(name)
+        if saved is not None:  # a checkpoint of an older version may lack a piece
+            stateful.load_state_dict(saved)
     checkpointer.restore_rng(state)
-    if spikes is not None and state.get("spikes"):
-        spikes.load_state_dict(state["spikes"])
 
 
-def _open_log(config, out_dir: Path, dist_info: DistInfo, step: int) -> MetricsLogger:
+def _open_log(config: Config, out_dir: Path, dist_info: DistInfo, step: int) -> MetricsLogger:
     """The metrics log, started at ``step`` (it drops records a resumed run will write again)."""
     return MetricsLogger(
         out_dir,
@@ -945,7 +912,7 @@ def _open_log(config, out_dir: Path, dist_info: DistInfo, step: int) -> MetricsL
 
 
 def _write_run_header(
-    config,
+    config: Config,
     out_dir: Path,
     log: MetricsLogger,
     dist_info: DistInfo,
@@ -989,10 +956,11 @@ def _train_until(run: _Run, progress: _Progress, stop_at: int) -> None:
     with Preemption() as preemption:
         while progress.step < stop_at:
             lr = lr_at(progress.step, t)
-            _take_step(run, progress, lr)
-            step = progress.step
+            step = progress.step + 1
+            logged = step % max(config.logging.every, 1) == 0 or step == stop_at
+            _take_step(run, progress, lr, measure_update=logged)
             window_tokens += progress.last.tokens
-            if step % max(config.logging.every, 1) == 0 or step == stop_at:
+            if logged:
                 tokens_per_s = _tokens_per_second(window_tokens, window_start, device)
                 _log_train(run, progress, lr, tokens_per_s)
                 window_start, window_tokens = time.perf_counter(), 0
@@ -1070,7 +1038,7 @@ def _check_before_saving(run: _Run, progress: _Progress) -> str | None:
     return None
 
 
-def _take_step(run: _Run, progress: _Progress, lr: float) -> None:
+def _take_step(run: _Run, progress: _Progress, lr: float, measure_update: bool = False) -> None:
     """One optimizer step on the next global batch, counted in ``progress``.
 
     A step whose loss is a spike still counts (its batch was consumed) but is reported, so a
@@ -1092,6 +1060,7 @@ def _take_step(run: _Run, progress: _Progress, lr: float) -> None:
         autocast=run.autocast,
         spikes=run.spikes,
         skip_spikes=t.skip_spikes,
+        measure_update=measure_update,
     )
     progress.step += 1
     progress.tokens_seen += progress.last.tokens
@@ -1133,6 +1102,7 @@ def _log_train(run: _Run, progress: _Progress, lr: float, tokens_per_s: float) -
             "peak_mem_gb": peak_memory_gb(device),
             "tokens": progress.tokens_seen,
             "skipped": progress.skipped,
+            **(last.update_rms or {}),
         },
     )
 
@@ -1144,34 +1114,31 @@ def _evaluate_and_log(run: _Run, progress: _Progress) -> None:
     happens without val data or with ``eval.every <= 0``.
     """
     config = run.config
-    if run.make_val_loader is None or config.eval.every <= 0:
+    if run.data.make_val is None or config.eval.every <= 0:
         return
     val_loss = evaluate(
         run.model,
-        run.make_val_loader(run.dist_info.rank, run.dist_info.world_size),
+        run.data.make_val(run.dist_info.rank, run.dist_info.world_size),
         batches=config.eval.batches,
         micro_batch_size=config.train.micro_batch_size,
         device=run.dist_info.device,
         autocast=run.autocast,
     )
-    bpt = run.bytes_per_token
+    bpt = run.data.bytes_per_token
     progress.val_loss = val_loss
     progress.val_bpb = val_loss / math.log(2) / bpt if bpt else None
     run.log.log("eval", progress.step, {"val_loss": val_loss, "val_bpb": progress.val_bpb})
 
 
-def _trainer_state(run: _Run, progress: _Progress) -> dict:
+def _trainer_state(run: _Run, progress: _Progress) -> dict[str, Any]:
     """The loop's own state for a checkpoint, beside the model and optimizer: what a resume
-    needs to continue exactly (counters, data position, spike statistics)."""
+    needs to continue exactly (the counters, then each of ``run.states`` under its name)."""
     t = run.config.train
     return {
-        "step": progress.step,
-        "tokens_seen": progress.tokens_seen,
-        "skipped": progress.skipped,
+        **progress.state_dict(),
         "lr": lr_at(max(progress.step - 1, 0), t),
         "schedule": t.schedule,
-        "spikes": run.spikes.state_dict() if run.spikes is not None else None,
-        "loader": run.train_loader.state_dict(),
+        **{name: stateful.state_dict() for name, stateful in run.states.items()},
     }
 
 

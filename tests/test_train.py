@@ -16,6 +16,7 @@ import pytest
 import torch
 from train_helpers import (
     ROOT,
+    assert_bitwise_equal,
     assert_losses_close,
     env,
     load_checkpoint,
@@ -27,7 +28,8 @@ from train_helpers import (
 
 from pretrain.config import load_config
 from pretrain.errors import UserError
-from pretrain.train import SpikeDetector, lr_at, param_groups, train, train_step
+from pretrain.optim import lr_at, param_groups
+from pretrain.train import SpikeDetector, train, train_step
 
 # --------------------------------------------------------------------------- command line
 
@@ -435,21 +437,98 @@ def test_a_signal_to_the_launcher_reaches_the_workers_and_ends_cleanly(
     assert "world size 2" in output
 
 
-def test_workers_of_a_dead_torchrun_agent_save_and_stop(tiny_dataset, tmp_path):
-    """SIGUSR1 to the agent itself kills it (nothing can prevent that); the ranks notice that
-    their parent is gone, save and exit instead of training on unsupervised."""
+def _agent_of(launcher_pid: int) -> int:
+    return int(subprocess.check_output(["pgrep", "-P", str(launcher_pid)]).split()[0])
+
+
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGUSR1"])
+def test_a_signal_to_the_torchrun_agent_reaches_the_workers_without_a_traceback(
+    tiny_dataset, tmp_path, name
+):
+    """The agent runs under pretrain.launch: a SIGTERM or SIGUSR1 sent to it (not to the
+    launcher) is passed to every rank, which saves and stops; the agent ends with one line and
+    exit 128 + the signal, not a traceback (SIGTERM) or an instant death (SIGUSR1)."""
     import signal as signals
 
     out = tmp_path / "run"
+    sig = getattr(signals, name)
+    rc, output, left = _signal_at_step(_launcher(tiny_dataset, out), out, sig,
+                                       target=_agent_of, env_extra=LAUNCHER_ENV)  # fmt: skip
+    _assert_preempted(out, rc, output, left, name, rc_wanted=128 + sig)
+    assert f"pretrain.launch: {name}: passed to every training process" in output
 
-    def agent(launcher_pid):
-        return int(subprocess.check_output(["pgrep", "-P", str(launcher_pid)]).split()[0])
 
-    rc, output, left = _signal_at_step(_launcher(tiny_dataset, out), out, signals.SIGUSR1,
-                                       target=agent, env_extra=LAUNCHER_ENV)  # fmt: skip
+def test_workers_of_a_dead_torchrun_agent_save_and_stop(tiny_dataset, tmp_path):
+    """A SIGKILL to the agent cannot be handled; the ranks notice that their parent is gone,
+    save and exit instead of training on unsupervised."""
+    import signal as signals
+
+    out = tmp_path / "run"
+    rc, output, left = _signal_at_step(_launcher(tiny_dataset, out), out, signals.SIGKILL,
+                                       target=_agent_of, env_extra=LAUNCHER_ENV)  # fmt: skip
     assert not left, f"trainer processes left running: {left}"
     status = _status(out)
     assert status["state"] == "preempted", status
     assert status["signal"] == "the exit of the torchrun agent"
     assert status["checkpoint"] == str(out / "checkpoints" / f"step-{status['step']:06d}")
-    assert rc == 128 + signals.SIGUSR1  # the agent's own death, passed on by the launcher
+    assert rc == 128 + signals.SIGKILL  # the agent's own death, passed on by the launcher
+
+
+# --------------------------------------------------------------------------- Muon
+
+
+def _muon_cfg(data, *pairs):
+    return _cfg(data, ("optimizer.name", "muon"), ("train.lr", "3e-3"),
+                ("optimizer.muon_lr", "0.02"), *pairs)  # fmt: skip
+
+
+def test_muon_takes_the_hidden_matrices_and_adamw_the_rest():
+    from pretrain.model import Transformer
+    from pretrain.optim import build_optimizer
+
+    cfg = load_config(None, [("model.n_layers", "1"), ("model.d_model", "32"),
+                             ("model.vocab_size", "64"), ("optimizer.name", "muon"),
+                             ("train.lr", "1e-3"), ("optimizer.muon_lr", "0.02")])  # fmt: skip
+    model = Transformer(cfg.model)
+    opt = build_optimizer(model, cfg, torch.device("cpu"))
+    names = {id(p): n for n, p in model.named_parameters()}
+    muon, head, rest = ({names[id(p)] for p in g["params"]} for g in opt.param_groups)
+    assert [g["use_muon"] for g in opt.param_groups] == [True, False, False]
+    assert "layers.0.self_attn.q_proj.weight" in muon and "layers.0.mlp.down_proj.weight" in muon
+    assert not any("embed" in n or "lm_head" in n or "norm" in n for n in muon)
+    assert head == {"lm_head.weight"} and opt.param_groups[1]["weight_decay"] == 0.1
+    assert "embed_tokens.weight" in rest and opt.param_groups[2]["weight_decay"] == 0.0
+    assert len(muon) + len(head) + len(rest) == len(names)
+    from pretrain.optim import set_lr
+
+    set_lr(opt, 5e-4)  # the schedule's rate, scaled for Muon's group by muon_lr / train.lr
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([1e-2, 5e-4, 5e-4])
+
+
+def test_muon_run_learns_and_logs_the_update_size_of_each_group(tiny_dataset, tmp_path):
+    result = train(_muon_cfg(tiny_dataset, ("train.steps", "10")), tmp_path / "run")
+    recs = records(tmp_path / "run")
+    assert [r["step"] for r in recs] == list(range(1, 11))
+    assert recs[-1]["loss"] < recs[0]["loss"] - 0.3, [r["loss"] for r in recs]
+    assert result.loss == recs[-1]["loss"]
+    assert all(r["update_rms/muon"] > 0 and r["update_rms/adamw"] > 0 for r in recs)
+
+
+def test_muon_resumed_run_equals_the_uninterrupted_one(tiny_dataset, tmp_path):
+    common = (("train.steps", "8"), ("checkpoint.every", "4"))
+    straight = train(_muon_cfg(tiny_dataset, *common), tmp_path / "straight")
+    train(_muon_cfg(tiny_dataset, *common, ("train.stop_at", "4")), tmp_path / "resumed")
+    resumed = train(_muon_cfg(tiny_dataset, *common, ("checkpoint.resume", "auto")),
+                    tmp_path / "resumed")  # fmt: skip
+    assert losses(tmp_path / "resumed") == losses(tmp_path / "straight")
+    a, b = load_checkpoint(straight.checkpoint), load_checkpoint(resumed.checkpoint)
+    assert any("momentum_buffer" in k for k in a)
+    assert_bitwise_equal(a, b)
+
+
+def test_the_kernel_backend_of_a_run_is_undone_after_it(tiny_dataset, tmp_path):
+    import kernels
+
+    before = kernels.get_backend()
+    train(_cfg(tiny_dataset, ("train.kernels", "torch"), ("train.steps", "1")), tmp_path / "run")
+    assert kernels.get_backend() == before
