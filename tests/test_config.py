@@ -182,11 +182,21 @@ def test_every_float_key_refuses_a_non_finite_value(key, value):
 @pytest.mark.parametrize(
     "key",
     ["train.schedule", "train.device", "train.dtype", "train.kernels",
-     "train.activation_checkpointing", "optimizer.name"],
+     "train.activation_checkpointing", "optimizer.name", "optimizer.muon_adjust_lr"],
 )  # fmt: skip
 def test_every_choice_key_lists_what_is_allowed(key):
     with pytest.raises(ConfigError, match=rf"^{key} must be one of .*, got 'bogus'$"):
         load_config(None, [f"--{key}", "bogus"])
+
+
+def test_a_choice_set_in_code_is_checked_against_its_annotation():
+    from pretrain.config import validate_config
+
+    cfg = load_config(None, ["--optimizer.name", "muon"])
+    assert cfg.optimizer.name == "muon" and cfg.optimizer.muon_momentum == 0.95
+    cfg.train.schedule = "exp"
+    with pytest.raises(ConfigError, match=r"^train\.schedule must be one of cosine, linear, wsd"):
+        validate_config(cfg)
 
 
 @pytest.mark.parametrize(
