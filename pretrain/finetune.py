@@ -355,12 +355,8 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``torchrun -m pretrain.finetune ...`` enters here: the ``pretrain finetune`` command."""
-    from pretrain.cli import main as cli_main
-
-    return cli_main(["finetune", *(sys.argv[1:] if argv is None else argv)])
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    # ``torchrun -m pretrain.finetune ...`` enters here: the ``pretrain finetune`` command.
+    from pretrain.cli import main
+
+    sys.exit(main(["finetune", *sys.argv[1:]]))

@@ -1154,12 +1154,8 @@ def _summary_line(progress: _Progress, total_steps: int, out_dir: Path) -> str:
     return summary + f" | {out_dir}"
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``torchrun -m pretrain.train ...`` enters here: the ``pretrain train`` command."""
-    from pretrain.cli import main as cli_main
-
-    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    # ``torchrun -m pretrain.train ...`` enters here: the ``pretrain train`` command.
+    from pretrain.cli import main
+
+    sys.exit(main(["train", *sys.argv[1:]]))
