@@ -532,3 +532,12 @@ def test_the_kernel_backend_of_a_run_is_undone_after_it(tiny_dataset, tmp_path):
     before = kernels.get_backend()
     train(_cfg(tiny_dataset, ("train.kernels", "torch"), ("train.steps", "1")), tmp_path / "run")
     assert kernels.get_backend() == before
+
+
+def test_two_ranks_train_muon_like_one_process(tiny_dataset, tmp_path):
+    """Under FSDP2 Muon steps row-sharded DTensors (each matrix orthogonalized whole by one
+    rank): the losses agree with one process."""
+    muon = ("--optimizer.name", "muon", "--optimizer.muon_lr", "0.02", "--eval.every", "0")
+    run_train(tiny_dataset, tmp_path / "w1", *muon)
+    run_train(tiny_dataset, tmp_path / "w2", *muon, nproc=2)
+    assert_losses_close(losses(tmp_path / "w1"), losses(tmp_path / "w2"), rtol=1e-4)
