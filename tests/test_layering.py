@@ -260,3 +260,12 @@ def test_the_program_entry_is_not_an_edge():
     (guard,) = [n for n in tree.body if _is_main_guard(n)]
     (node,) = [n for n in ast.walk(guard) if isinstance(n, ast.ImportFrom)]
     assert _program_entry(tree) == {id(node)}
+
+
+def test_kernels_import_nothing_of_pretrain():
+    bad = [
+        str(i)
+        for i in ALL_IMPORTS
+        if i.file.startswith("kernels/") and group(i.target) != "kernels"
+    ]
+    assert not bad, "kernels/ stands beside pretrain/ and imports none of it:\n" + "\n".join(bad)
