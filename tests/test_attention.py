@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import functools
 import importlib
+import os
 import random
 import warnings
+import zlib
 
 import pytest
 import torch
@@ -47,9 +49,17 @@ def poisoned_buffers(monkeypatch):
     return handed_out
 
 
+def seed_of(request) -> int:
+    """A seed fixed per test (from its id), so a failure repeats; ATTENTION_TEST_SEED=random
+    draws a fresh one each run to explore more inputs."""
+    if os.environ.get("ATTENTION_TEST_SEED") == "random":
+        return random.SystemRandom().randrange(2**31)
+    return zlib.crc32(request.node.nodeid.encode()) % 2**31
+
+
 @pytest.fixture
-def rng():
-    seed = random.SystemRandom().randrange(2**31)
+def rng(request):
+    seed = seed_of(request)
     return seed, torch.Generator().manual_seed(seed)
 
 
@@ -264,10 +274,10 @@ def test_sm90_builds_cover_every_gpu_configuration():
         }
 
 
-def test_model_training_with_triton_attention_matches_reference(monkeypatch):
+def test_model_training_with_triton_attention_matches_reference(monkeypatch, request):
     """A few optimizer steps of the model: Triton attention against the PyTorch reference."""
     cfg = ModelConfig(vocab_size=61, n_layers=2, d_model=64, n_heads=4, n_kv_heads=2)
-    gen = torch.Generator().manual_seed(random.SystemRandom().randrange(2**31))
+    gen = torch.Generator().manual_seed(seed_of(request))
     tokens = torch.randint(0, cfg.vocab_size, (2, 25), generator=gen)
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
     doc_ids = packed_doc_ids([[9, 15], [20, 4]])

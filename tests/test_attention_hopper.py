@@ -14,7 +14,7 @@ import warnings
 
 import pytest
 import torch
-from test_attention import check_against_float64, packed_doc_ids
+from test_attention import check_against_float64, packed_doc_ids, seed_of
 
 from kernels import attention, attention_reference
 
@@ -40,10 +40,8 @@ def poisoned_buffers(monkeypatch):
 
 
 @pytest.fixture
-def rng():
-    import random
-
-    seed = random.SystemRandom().randrange(2**31)
+def rng(request):
+    seed = seed_of(request)
     return seed, torch.Generator().manual_seed(seed)
 
 
