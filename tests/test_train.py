@@ -534,6 +534,7 @@ def test_the_kernel_backend_of_a_run_is_undone_after_it(tiny_dataset, tmp_path):
     assert kernels.get_backend() == before
 
 
+@pytest.mark.slow
 def test_two_ranks_train_muon_like_one_process(tiny_dataset, tmp_path):
     """Under FSDP2 Muon steps row-sharded DTensors (each matrix orthogonalized whole by one
     rank): the losses agree with one process."""
