@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from pretrain.chat import read_chat_template
 from pretrain.checkpoint import find_checkpoint
 from pretrain.config import (
     Config,
@@ -87,13 +88,8 @@ def read_init(path: str | os.PathLike) -> InitSource:
     if not p.exists():
         raise UserError(f"--init-from {p} does not exist: give a checkpoint, a run or an export")
     if (p / CONFIG).is_file():
-        template = CHAT_TEMPLATE
         tok_config = p / TOKENIZER_CONFIG
-        if tok_config.is_file():
-            try:
-                template = json.loads(tok_config.read_text()).get("chat_template") or template
-            except json.JSONDecodeError as e:
-                raise UserError(f"{tok_config} is not valid JSON: {e}") from None
+        template = (tok_config.is_file() and read_chat_template(tok_config)) or CHAT_TEMPLATE
         return InitSource(p, "export", read_export_config(p), p / TOKENIZER, template)
     step_dir = find_checkpoint(p)
     config_path = step_dir / "config.toml"

@@ -60,7 +60,7 @@ from pretrain.config import (
 )
 from pretrain.data import TokenLoader, VerifiedShards, load_manifest
 from pretrain.errors import UserError
-from pretrain.export import init_from
+from pretrain.export import DTYPES, init_from
 from pretrain.metrics import MetricsLogger, mfu, peak_flops, peak_memory_gb
 from pretrain.model import Transformer
 from pretrain.optim import (
@@ -462,7 +462,7 @@ def _param_dtype(config: Config, device: torch.device) -> torch.dtype:
     dtype = config.train.dtype
     if dtype == "auto":
         dtype = "bf16" if device.type == "cuda" else "fp32"
-    return torch.bfloat16 if dtype == "bf16" else torch.float32
+    return DTYPES[dtype]
 
 
 def _default_data(config: Config) -> TrainData:
