@@ -22,6 +22,26 @@ if "kernels" not in sys.modules:
 
 
 @pytest.fixture
+def poisoned_buffers(monkeypatch) -> list:
+    """Make every attention kernel output buffer start as NaN (a value never written stays
+    NaN and fails the comparison); returns the list of buffers handed out."""
+    import importlib
+
+    import torch
+
+    attn = importlib.import_module("kernels.attention")  # the module, not the op
+    handed_out = []
+
+    def nan_empty(shape, *, dtype, device):
+        buf = torch.full(shape, float("nan"), dtype=dtype, device=device)
+        handed_out.append(buf)
+        return buf
+
+    monkeypatch.setattr(attn, "_empty", nan_empty)
+    return handed_out
+
+
+@pytest.fixture
 def root() -> Path:
     return ROOT
 

@@ -23,9 +23,12 @@ from pretrain.model import Transformer
 
 attn = importlib.import_module("kernels.attention")  # the module (``kernels.attention`` is the op)
 
-pytestmark = pytest.mark.skipif(
-    not attn.INTERPRET, reason="CPU tests of the Triton kernels need TRITON_INTERPRET=1"
-)
+pytestmark = [
+    pytest.mark.skipif(
+        not attn.INTERPRET, reason="CPU tests of the Triton kernels need TRITON_INTERPRET=1"
+    ),
+    pytest.mark.usefixtures("poisoned_buffers"),  # every kernel output starts as NaN
+]
 
 TOLERANCES = {
     torch.float32: dict(atol=2e-5, rtol=1e-4),
@@ -33,20 +36,6 @@ TOLERANCES = {
     # The interpreter truncates fp32 -> bf16 instead of rounding: allow about two bf16 ulps.
     torch.bfloat16: dict(atol=2e-2, rtol=2e-2),
 }
-
-
-@pytest.fixture(autouse=True)
-def poisoned_buffers(monkeypatch):
-    """Make every kernel output buffer start as NaN; yields the list of buffers handed out."""
-    handed_out = []
-
-    def nan_empty(shape, *, dtype, device):
-        buf = torch.full(shape, float("nan"), dtype=dtype, device=device)
-        handed_out.append(buf)
-        return buf
-
-    monkeypatch.setattr(attn, "_empty", nan_empty)
-    return handed_out
 
 
 def seed_of(request) -> int:

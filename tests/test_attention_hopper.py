@@ -21,22 +21,12 @@ from kernels import attention, attention_reference
 attn = importlib.import_module("kernels.attention")
 hop = importlib.import_module("kernels.attention_hopper")
 
-pytestmark = pytest.mark.skipif(
-    not attn.INTERPRET, reason="CPU tests of the Triton kernels need TRITON_INTERPRET=1"
-)
-
-
-@pytest.fixture(autouse=True)
-def poisoned_buffers(monkeypatch):
-    handed_out = []
-
-    def nan_empty(shape, *, dtype, device):
-        buf = torch.full(shape, float("nan"), dtype=dtype, device=device)
-        handed_out.append(buf)
-        return buf
-
-    monkeypatch.setattr(attn, "_empty", nan_empty)
-    return handed_out
+pytestmark = [
+    pytest.mark.skipif(
+        not attn.INTERPRET, reason="CPU tests of the Triton kernels need TRITON_INTERPRET=1"
+    ),
+    pytest.mark.usefixtures("poisoned_buffers"),  # every kernel output starts as NaN
+]
 
 
 @pytest.fixture
