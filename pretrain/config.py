@@ -247,6 +247,48 @@ class CheckpointConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """The device mesh: ``dp_replicate`` x ``dp_shard`` x ``tp`` ranks (their product is the world).
+
+    ``dp_replicate`` > 1 is HSDP: parameters are sharded over ``dp_shard`` ranks (a node) and
+    replicated across the groups, so only gradients cross the slower links. ``tp`` splits each
+    block's matrices Megatron-style (column q/k/v and gate/up, row o and down) with sequence
+    parallel norms. ``dp_shard = -1`` takes whatever the world leaves.
+    """
+
+    dp_replicate: int = 1
+    dp_shard: int = -1  # -1: world_size / (dp_replicate * tp)
+    tp: int = 1
+    reshard_after_forward: Literal["default", "always", "never"] = "default"
+    reduce_dtype: Literal["fp32", "bf16"] = "fp32"
+
+    def validate(self) -> None:
+        _at_least("parallel.dp_replicate", self.dp_replicate, 1)
+        _at_least("parallel.tp", self.tp, 1)
+        if not (self.dp_shard == -1 or self.dp_shard >= 1):
+            _refuse("parallel.dp_shard", self.dp_shard, ">= 1 (or -1: the rest of the world)")
+
+    def mesh_shape(self, world_size: int) -> tuple[int, int, int]:
+        """(dp_replicate, dp_shard, tp) for ``world_size`` ranks; a wrong product is one line."""
+        rest = self.dp_replicate * self.tp
+        shard = self.dp_shard
+        if shard == -1:
+            if world_size % rest:
+                raise ConfigError(
+                    f"world size {world_size} is not divisible by parallel.dp_replicate="
+                    f"{self.dp_replicate} x parallel.tp={self.tp}"
+                )
+            shard = world_size // rest
+        if self.dp_replicate * shard * self.tp != world_size:
+            raise ConfigError(
+                f"parallel.dp_replicate={self.dp_replicate} x parallel.dp_shard={shard} x "
+                f"parallel.tp={self.tp} = {self.dp_replicate * shard * self.tp}, but the world "
+                f"size is {world_size}: make the product equal the number of ranks"
+            )
+        return self.dp_replicate, shard, self.tp
+
+
+@dataclass
 class FinetuneConfig:
     """Supervised fine-tuning (``pretrain finetune``): the JSONL rows and how they become batches."""
 
@@ -271,6 +313,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
