@@ -84,9 +84,10 @@ class Attention(nn.Module):
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         else:
             q, k, v = self.qkv_proj(x)
-        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        # -1 heads: under tensor parallel each rank holds only its own heads' columns.
+        q = q.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = v.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         q, k = kernels.apply_rope(q, k, cos, sin)
         if cache is not None:
             # The cache stores this step's keys/values and returns everything the queries may see.
