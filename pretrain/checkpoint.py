@@ -93,7 +93,7 @@ LOCK_FILE = ".run.lock"
 TRAINER_FORMAT = 2  # 1: the pickled "trainer" entry of older checkpoints (read, never written)
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 # Model keys a resume may change: they only matter when the weights are first initialised.
-_MODEL_KEYS_FREE_ON_RESUME = ("init_std",)
+_MODEL_KEYS_FREE_ON_RESUME = ("init_std", "zero_init_residual")
 
 
 @contextlib.contextmanager

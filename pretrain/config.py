@@ -80,6 +80,7 @@ class ModelConfig:
     tie_embeddings: bool = False
     init_std: float = 0.02
     doc_mask: bool = False  # packed sequences attend only within their own document
+    zero_init_residual: bool = False  # o_proj and down_proj start at zero (the speedrun recipe)
 
     @property
     def head_dim(self) -> int:

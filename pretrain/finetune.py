@@ -65,7 +65,7 @@ else:  # pragma: no cover
 ACCEPTS_OVERRIDES = True
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "sft-tiny.toml"
 # Keys that describe behaviour, not the weights: they may differ from the init's.
-NOT_SHAPE = ("doc_mask", "init_std")
+NOT_SHAPE = ("doc_mask", "init_std", "zero_init_residual")
 
 
 # --------------------------------------------------------------------------- the init model

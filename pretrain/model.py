@@ -143,13 +143,17 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Normal(0, init_std) weights; residual output projections scaled by 1/sqrt(2 n_layers)."""
+        """Normal(0, init_std) weights; residual output projections scaled by 1/sqrt(2 n_layers),
+        or zero with ``zero_init_residual`` (each block then starts as the identity)."""
         std = self.config.init_std
         for name, p in self.named_parameters():
             if p.dim() == 1:
                 nn.init.ones_(p)
             elif name.endswith(("o_proj.weight", "down_proj.weight")):
-                nn.init.normal_(p, mean=0.0, std=std / math.sqrt(2 * self.config.n_layers))
+                if self.config.zero_init_residual:
+                    nn.init.zeros_(p)
+                else:
+                    nn.init.normal_(p, mean=0.0, std=std / math.sqrt(2 * self.config.n_layers))
             else:
                 nn.init.normal_(p, mean=0.0, std=std)
 
