@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from functools import lru_cache, partial
 
 import torch
@@ -77,8 +78,28 @@ def init_distributed(device_type: str) -> DistInfo:
         kwargs: dict = {"device_id": device} if device_type == "cuda" else {}
         if "MASTER_ADDR" not in os.environ:  # a single process without torchrun
             kwargs.update(store=dist.HashStore(), rank=0, world_size=1)
+        if os.environ.get(DIST_TIMEOUT_ENV):  # python -m pretrain.launch --dist-timeout
+            kwargs["timeout"] = dist_timeout(os.environ[DIST_TIMEOUT_ENV])
         dist.init_process_group(backend=backend, **kwargs)
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
+
+
+DIST_TIMEOUT_ENV = "PRETRAIN_DIST_TIMEOUT"
+
+
+def dist_timeout(value: str) -> timedelta:
+    """The collectives' timeout from ``PRETRAIN_DIST_TIMEOUT`` (seconds); torch's own default
+    (10 minutes for NCCL) is too short for a slow checkpoint save on some ranks."""
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not 0 < seconds < float("inf"):
+        raise UserError(
+            f"{DIST_TIMEOUT_ENV} (--dist-timeout) must be a positive number of seconds, "
+            f"got {value!r}"
+        )
+    return timedelta(seconds=seconds)
 
 
 def destroy_distributed() -> None:
