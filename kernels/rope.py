@@ -12,6 +12,7 @@ with no transpose copy on either side, forward or backward.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -27,15 +28,65 @@ _DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 def rope_cos_sin(
-    positions: torch.Tensor, head_dim: int, theta: float = 10000.0
+    positions: torch.Tensor,
+    head_dim: int,
+    theta: float = 10000.0,
+    *,
+    scaling: str = "none",
+    factor: float = 1.0,
+    low_freq_factor: float = 1.0,
+    high_freq_factor: float = 4.0,
+    original_max_len: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of shape (*positions.shape, head_dim // 2), in fp32."""
-    inv_freq = 1.0 / (
-        theta
-        ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    """cos and sin of shape (*positions.shape, head_dim // 2), in fp32.
+
+    ``scaling`` stretches the frequencies to a longer context: ``"linear"`` divides every one by
+    ``factor`` (position interpolation); ``"llama3"`` divides only the low frequencies (waves
+    longer than ``original_max_len / low_freq_factor``), keeps the high ones (shorter than
+    ``original_max_len / high_freq_factor``) and blends in between, as Llama 3.1 does.
+    """
+    inv_freq = rope_inv_freq(
+        head_dim,
+        theta,
+        positions.device,
+        scaling=scaling,
+        factor=factor,
+        low_freq_factor=low_freq_factor,
+        high_freq_factor=high_freq_factor,
+        original_max_len=original_max_len,
     )
     angles = positions.to(torch.float32)[..., None] * inv_freq
     return angles.cos(), angles.sin()
+
+
+def rope_inv_freq(
+    head_dim: int,
+    theta: float,
+    device: torch.device | str | None = None,
+    *,
+    scaling: str = "none",
+    factor: float = 1.0,
+    low_freq_factor: float = 1.0,
+    high_freq_factor: float = 4.0,
+    original_max_len: int = 0,
+) -> torch.Tensor:
+    """The (head_dim // 2,) fp32 rotation frequencies, scaled as :func:`rope_cos_sin` says."""
+    exponents = torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim
+    inv_freq = 1.0 / (theta**exponents)
+    if scaling == "none":
+        return inv_freq
+    if scaling == "linear":
+        return inv_freq / factor
+    if scaling != "llama3":
+        raise ValueError(f"unknown RoPE scaling {scaling!r}")
+    low_freq_wavelen = original_max_len / low_freq_factor
+    high_freq_wavelen = original_max_len / high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (original_max_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return torch.where(medium, smoothed, scaled)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

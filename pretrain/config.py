@@ -1,8 +1,9 @@
 """Typed run configuration: dataclass sections, loaded from TOML, overridden from the command line.
 
-A config is a tree of two levels: sections (``model``, ``data``, ``train``, ...) holding typed keys.
-The TOML file gives values for some keys, ``--section.key value`` overrides them, and everything
-else keeps the default written here. Every mistake (an unknown section or key, a value of the
+A config is a tree: sections (``model``, ``data``, ``train``, ...) holding typed keys, and a section
+may hold a sub-section of its own (``[finetune.lora]``, written ``finetune.lora.rank``). The TOML
+file gives values for some keys, ``--section.key value`` overrides them, and everything else keeps
+the default written here. Every mistake (an unknown section or key, a value of the
 wrong type, a missing file) raises :class:`ConfigError` naming the key, so that the command line
 can print one line instead of a traceback.
 """
@@ -34,6 +35,7 @@ class ConfigError(UserError):
 
 Schedule = Literal["cosine", "linear", "wsd", "constant"]
 SCHEDULES: tuple[str, ...] = typing.get_args(Schedule)
+RopeScaling = Literal["none", "linear", "llama3"]
 
 
 def _refuse(key: str, value: Any, allowed: str) -> None:
@@ -79,12 +81,22 @@ class ModelConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     init_std: float = 0.02
+    # Architecture options of the Llama family's relatives (all off: plain Llama):
+    qk_norm: bool = False  # RMSNorm over each head of q and k before RoPE (Qwen3)
+    attention_bias: bool = False  # biases on the q, k and v projections (Qwen2)
+    head_dim_override: int = 0  # 0: d_model / n_heads; else the per-head width (Qwen3)
+    rope_scaling: RopeScaling = "none"  # how RoPE's frequencies stretch to a longer context
+    rope_factor: float = 1.0  # linear, llama3: the context stretch factor
+    rope_low_freq_factor: float = 1.0  # llama3
+    rope_high_freq_factor: float = 4.0  # llama3
+    rope_original_max_seq_len: int = 0  # llama3: the context before scaling (required)
     doc_mask: bool = False  # packed sequences attend only within their own document
     zero_init_residual: bool = False  # o_proj and down_proj start at zero (the speedrun recipe)
 
     @property
     def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+        """The width of one attention head: ``head_dim_override`` or ``d_model / n_heads``."""
+        return self.head_dim_override or self.d_model // self.n_heads
 
     @property
     def ffn_dim(self) -> int:
@@ -103,7 +115,9 @@ class ModelConfig:
         _at_least("model.ffn_multiple_of", self.ffn_multiple_of, 1)
         for name in ("rope_theta", "norm_eps", "init_std"):
             _positive(f"model.{name}", getattr(self, name))
-        if self.d_model % self.n_heads:
+        _at_least("model.head_dim_override", self.head_dim_override, 0, "(0: d_model / n_heads)")
+        self._validate_rope_scaling()
+        if not self.head_dim_override and self.d_model % self.n_heads:
             raise ConfigError(
                 f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}"
             )
@@ -113,7 +127,33 @@ class ModelConfig:
                 f"{self.n_kv_heads}: grouped-query attention needs whole groups"
             )
         if self.head_dim % 2:
-            raise ConfigError(f"head dim d_model/n_heads={self.head_dim} must be even for RoPE")
+            raise ConfigError(f"the head dim {self.head_dim} must be even for RoPE")
+
+    def _validate_rope_scaling(self) -> None:
+        """The parameters a scaling type reads must make sense; the others must keep defaults,
+        so a value that would be ignored is never silently accepted."""
+        for name in ("rope_factor", "rope_low_freq_factor", "rope_high_freq_factor"):
+            _positive(f"model.{name}", getattr(self, name))
+        _at_least("model.rope_original_max_seq_len", self.rope_original_max_seq_len, 0)
+        kind = self.rope_scaling
+        if kind == "none":
+            if self.rope_factor != 1.0:
+                _refuse("model.rope_factor", self.rope_factor, "1.0 when model.rope_scaling='none'")
+            return
+        _at_least("model.rope_factor", self.rope_factor, 1.0)
+        if kind == "llama3":
+            _at_least(
+                "model.rope_original_max_seq_len",
+                self.rope_original_max_seq_len,
+                1,
+                f"(the context before {kind} scaling)",
+            )
+        if kind == "llama3" and not 0 < self.rope_low_freq_factor < self.rope_high_freq_factor:
+            raise ConfigError(
+                f"model.rope_low_freq_factor={self.rope_low_freq_factor} and "
+                f"model.rope_high_freq_factor={self.rope_high_freq_factor} must satisfy "
+                "0 < low < high for llama3 RoPE scaling"
+            )
 
 
 @dataclass
@@ -159,6 +199,9 @@ class TrainConfig:
     diverge_grad_factor: float = 1000.0  # grad norm above this x its running mean; 0: off
     # stop (with a checkpoint) after this step; the schedule still spans train.steps
     stop_at: int = 0
+    # stop (with an evaluation and a checkpoint) once the training steps have used this many
+    # CPU seconds of this process (time.process_time, evaluations excluded); 0: off
+    cpu_budget_s: float = 0.0
 
     def validate(self) -> None:
         for name in ("steps", "global_batch_size", "micro_batch_size"):
@@ -175,6 +218,7 @@ class TrainConfig:
         _factor_or_off("train.diverge_loss_factor", self.diverge_loss_factor)
         _factor_or_off("train.diverge_grad_factor", self.diverge_grad_factor)
         _at_least("train.stop_at", self.stop_at, 0, "(0: run to train.steps)")
+        _at_least("train.cpu_budget_s", self.cpu_budget_s, 0, "(0: no CPU-time limit)")
 
 
 @dataclass
@@ -289,6 +333,40 @@ class ParallelConfig:
         return self.dp_replicate, shard, self.tp
 
 
+LORA_TARGETS: tuple[str, ...] = (
+    "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+)  # fmt: skip
+
+
+@dataclass
+class LoRAConfig:
+    """Low-rank adapters (``[finetune.lora]``, :mod:`pretrain.lora`): ``rank`` > 0 freezes the
+    init's weights and trains ``W + (alpha / rank) B A`` on each target projection instead.
+
+    ``base_dtype = "bf16"`` keeps the frozen base in bf16 (half its memory); the adapters and
+    their optimizer state stay in the trainer's fp32.
+    """
+
+    rank: int = 0  # 0: off (full fine-tuning)
+    alpha: float = 16.0
+    dropout: float = 0.0  # on the adapter's input
+    targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    base_dtype: Literal["fp32", "bf16"] = "fp32"
+
+    def validate(self) -> None:
+        _at_least("finetune.lora.rank", self.rank, 0, "(0: off)")
+        _positive("finetune.lora.alpha", self.alpha)
+        _fraction("finetune.lora.dropout", self.dropout, below_one=True)
+        if not self.targets:
+            _refuse("finetune.lora.targets", self.targets, "a list of " + ", ".join(LORA_TARGETS))
+        for name in self.targets:
+            if name not in LORA_TARGETS:
+                raise ConfigError(
+                    f"finetune.lora.targets: unknown projection {name!r}; the targets are "
+                    f"{', '.join(LORA_TARGETS)}{_suggest(name, list(LORA_TARGETS))}"
+                )
+
+
 @dataclass
 class FinetuneConfig:
     """Supervised fine-tuning (``pretrain finetune``): the JSONL rows and how they become batches."""
@@ -299,6 +377,7 @@ class FinetuneConfig:
     epochs: int = 0  # > 0: train.steps follows from the data (epochs over it)
     packing: bool = True  # several conversations per row, attention kept within each
     skip_bad_rows: bool = False  # skip and count malformed rows instead of stopping
+    lora: LoRAConfig = field(default_factory=LoRAConfig)  # the [finetune.lora] section
 
     def validate(self) -> None:
         _fraction("finetune.val_fraction", self.val_fraction, below_one=True)
@@ -333,15 +412,22 @@ def validate_config(config: Any) -> None:
     Runs when a config is loaded, so a bad value stops the command before any work starts.
     """
     for section in _sections(type(config)):
-        values = getattr(config, section)
-        for name, tp in _keys(type(values)).items():
-            value = getattr(values, name)
-            if isinstance(value, float) and not math.isfinite(value):
-                _refuse(f"{section}.{name}", value, "a finite number")
-            if typing.get_origin(tp) is Literal:  # a config built or changed in code
-                _coerce_choice(f"{section}.{name}", value, typing.get_args(tp))
-        if hasattr(values, "validate"):
-            values.validate()
+        _validate_section(section, getattr(config, section))
+
+
+def _validate_section(prefix: str, values: Any) -> None:
+    """The generic checks on one section's keys, its sub-sections, then its own ``validate()``."""
+    for name, tp in _keys(type(values)).items():
+        value, key = getattr(values, name), f"{prefix}.{name}"
+        if _is_section(tp):
+            _validate_section(key, value)
+            continue
+        if isinstance(value, float) and not math.isfinite(value):
+            _refuse(key, value, "a finite number")
+        if typing.get_origin(tp) is Literal:  # a config built or changed in code
+            _coerce_choice(key, value, typing.get_args(tp))
+    if hasattr(values, "validate"):
+        values.validate()
 
 
 def _sections(config_cls: type = Config) -> dict[str, type]:
@@ -350,13 +436,29 @@ def _sections(config_cls: type = Config) -> dict[str, type]:
 
 
 def _keys(section_cls: type) -> dict[str, Any]:
+    """A section's fields and their types; a sub-section is a field whose type is a dataclass."""
     hints = typing.get_type_hints(section_cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(section_cls)}
 
 
+def _is_section(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _leaf_keys(section_cls: type, prefix: str) -> dict[str, Any]:
+    """``{dotted key: type}`` of every value key of a section, its sub-sections' included."""
+    keys: dict[str, Any] = {}
+    for name, tp in _keys(section_cls).items():
+        if _is_section(tp):
+            keys.update(_leaf_keys(tp, f"{prefix}.{name}"))
+        else:
+            keys[f"{prefix}.{name}"] = tp
+    return keys
+
+
 def all_keys(config_cls: type = Config) -> list[str]:
-    """Every valid ``section.key``, in declaration order."""
-    return [f"{s}.{k}" for s, cls in _sections(config_cls).items() for k in _keys(cls)]
+    """Every valid key (``section.key``, ``section.sub.key``), in declaration order."""
+    return [k for s, cls in _sections(config_cls).items() for k in _leaf_keys(cls, s)]
 
 
 def _suggest(name: str, choices: list[str]) -> str:
@@ -428,21 +530,35 @@ def _coerce_choice(key: str, value: Any, choices: tuple[str, ...]) -> str:
 def _apply(config: Any, key: str, value: Any) -> None:
     """Set ``section.key`` on ``config`` after checking that it exists and coercing the value."""
     sections = _sections(type(config))
+    every = all_keys(type(config))
     if "." not in key:
         raise ConfigError(
-            f"unknown config key '{key}': keys are written section.key{_suggest(key, all_keys(type(config)))}"
+            f"unknown config key '{key}': keys are written section.key{_suggest(key, every)}"
         )
-    section, name = key.split(".", 1)
+    section, *path, name = key.split(".")
     if section not in sections:
-        raise ConfigError(
-            f"unknown config section '{section}' in '{key}'{_suggest(key, all_keys(type(config)))}"
-        )
-    keys = _keys(sections[section])
+        raise ConfigError(f"unknown config section '{section}' in '{key}'{_suggest(key, every)}")
+    owner, prefix = getattr(config, section), section
+    for part in path:  # down into a sub-section such as finetune.lora
+        if not _is_section(_keys(type(owner)).get(part)):
+            raise ConfigError(
+                f"unknown config section '{prefix}.{part}' in '{key}'{_suggest(key, every)}"
+            )
+        owner, prefix = getattr(owner, part), f"{prefix}.{part}"
+    keys = _keys(type(owner))
     if name not in keys:
+        near = [k for k in every if k.startswith(prefix + ".")]
+        raise ConfigError(f"unknown config key '{key}'{_suggest(key, near + every)}")
+    if _is_section(keys[name]):
+        if isinstance(value, dict):  # a [section.sub] table of a TOML file
+            for sub, sub_value in value.items():
+                _apply(config, f"{key}.{sub}", sub_value)
+            return
         raise ConfigError(
-            f"unknown config key '{key}'{_suggest(key, [f'{section}.{k}' for k in keys] + all_keys(type(config)))}"
+            f"'{key}' is a section, not a key: set its keys, e.g. "
+            f"--{next(k for k in every if k.startswith(key + '.'))} VALUE"
         )
-    setattr(getattr(config, section), name, _coerce(key, value, keys[name]))
+    setattr(owner, name, _coerce(key, value, keys[name]))
 
 
 def parse_overrides(args: list[str]) -> list[tuple[str, str]]:
@@ -516,10 +632,19 @@ def config_to_toml(config: Any) -> str:
     """The resolved config as TOML text that :func:`load_config` reads back to an equal config."""
     lines: list[str] = []
     for section, values in dataclasses.asdict(config).items():
-        lines.append(f"[{section}]")
-        lines.extend(f"{k} = {_toml_value(v)}" for k, v in values.items())
-        lines.append("")
+        _section_toml(section, values, lines)
     return "\n".join(lines)
+
+
+def _section_toml(name: str, values: dict[str, Any], lines: list[str]) -> None:
+    """``[name]`` with its keys, then each sub-section as its own ``[name.sub]`` table (TOML puts
+    every key after a table header into that table, so sub-sections come last)."""
+    lines.append(f"[{name}]")
+    subs = {k: v for k, v in values.items() if isinstance(v, dict)}
+    lines.extend(f"{k} = {_toml_value(v)}" for k, v in values.items() if k not in subs)
+    lines.append("")
+    for sub, sub_values in subs.items():
+        _section_toml(f"{name}.{sub}", sub_values, lines)
 
 
 def save_config(config: Any, path: str | os.PathLike) -> None:
@@ -530,12 +655,19 @@ def save_config(config: Any, path: str | os.PathLike) -> None:
     os.replace(tmp, path)
 
 
+def _value_at(config: Any, key: str) -> Any:
+    """The value of a dotted key (``finetune.lora.rank``) of ``config``."""
+    value = config
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
+
+
 def config_help(config: Any | None = None) -> str:
     """One line per key with its type and default, for ``pretrain SUB --help``."""
     config = config or Config()
     rows = []
-    for section, values in dataclasses.asdict(config).items():
-        keys = _keys(type(getattr(config, section)))
-        for k, v in values.items():
-            rows.append(f"  --{section}.{k} ({_type_name(keys[k])}, default {_toml_value(v)})")
+    for key, tp in _leaf_keys(type(config), "").items():
+        key = key[1:]  # the leading "." of the empty prefix
+        rows.append(f"  --{key} ({_type_name(tp)}, default {_toml_value(_value_at(config, key))})")
     return "config keys (override any with --section.key VALUE):\n" + "\n".join(rows)

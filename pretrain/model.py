@@ -20,8 +20,10 @@ gate/up into one product each and :class:`RowwiseHead` is a batch-invariant ``he
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -29,6 +31,48 @@ import torch.nn.functional as F
 
 import kernels
 from pretrain.config import ModelConfig
+
+# --------------------------------------------------------------------------- initial weights
+
+INIT_BLOCK_ELEMENTS = 1 << 16  # noise is drawn in blocks of whole rows of about this many values
+
+
+@dataclass(frozen=True)
+class ParamInit:
+    """How one parameter starts: normal(0, ``std``) noise, or all ``fill`` when ``std`` is 0."""
+
+    std: float = 0.0
+    fill: float = 0.0
+
+
+def draw_init_seed() -> int:
+    """A seed for the initial weights from torch's global generator."""
+    return int(torch.randint(0, 2**62, ()).item())
+
+
+def init_block_rows(shape: tuple[int, ...] | torch.Size) -> int:
+    """Rows of a parameter of ``shape`` per noise block (depends on the global shape alone)."""
+    row = math.prod(shape[1:])
+    return max(1, INIT_BLOCK_ELEMENTS // max(row, 1))
+
+
+def init_block(
+    init: ParamInit, seed: int, name: str, shape: tuple[int, ...] | torch.Size, block: int
+) -> torch.Tensor:
+    """Rows ``block * r .. (block + 1) * r`` (r = :func:`init_block_rows`) of parameter ``name``
+    as a float32 CPU tensor (rows, row size).
+
+    Each block has its own generator, seeded from (seed, name, block index), so a block's values
+    depend neither on the other parameters nor on which rows a process holds: any sharding of the
+    parameter can be filled by generating only the blocks its rows fall in.
+    """
+    rows = init_block_rows(shape)
+    start = block * rows
+    stop = min(start + rows, shape[0])
+    digest = hashlib.blake2b(f"{seed}/{name}/{block}".encode(), digest_size=8).digest()
+    gen = torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
+    out = torch.empty(stop - start, math.prod(shape[1:]))
+    return out.normal_(0.0, init.std, generator=gen)
 
 
 class RMSNorm(nn.Module):
@@ -42,22 +86,31 @@ class RMSNorm(nn.Module):
 
 
 class FusedLinear(nn.Module):
-    """Several bias-free linear layers of one input as one matrix product (see fuse_projections).
+    """Several linear layers of one input as one matrix product (see fuse_projections).
 
-    The layers' weights become views of the fused weight, so nothing is stored twice and the
-    state dict keeps its names. The fused weight is a buffer outside the state dict.
+    The layers' weights (and biases, when they all have one) become views of the fused weight
+    (and bias), so nothing is stored twice and the state dict keeps its names. The fused tensors
+    are buffers outside the state dict.
     """
 
     def __init__(self, *linears: nn.Linear):
         super().__init__()
+        has_bias = {m.bias is not None for m in linears}
+        if len(has_bias) != 1:
+            raise ValueError("FusedLinear needs all layers with a bias or all without")
         fused = torch.cat([m.weight.detach() for m in linears])
         self.register_buffer("weight", fused, persistent=False)
+        bias = torch.cat([m.bias.detach() for m in linears]) if has_bias == {True} else None
+        self.register_buffer("bias", bias, persistent=False)
         self.sizes = [m.out_features for m in linears]
         for m, view in zip(linears, self.weight.split(self.sizes)):
             m.weight = nn.Parameter(view, requires_grad=False)
+        if bias is not None:
+            for m, view in zip(linears, self.bias.split(self.sizes)):
+                m.bias = nn.Parameter(view, requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return F.linear(x, self.weight).split(self.sizes, dim=-1)
+        return F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
 
 
 class Attention(nn.Module):
@@ -65,11 +118,15 @@ class Attention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        bias = cfg.attention_bias  # on q, k and v only, as Qwen2 has them
+        self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=bias)
+        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=bias)
+        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=bias)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
         self.qkv_proj: FusedLinear | None = None  # set by fuse_projections
+        # QK-norm (Qwen3): one RMSNorm over the head dimension, shared by all heads.
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
 
     def forward(
         self,
@@ -85,8 +142,11 @@ class Attention(nn.Module):
         else:
             q, k, v = self.qkv_proj(x)
         # -1 heads: under tensor parallel each rank holds only its own heads' columns.
-        q = q.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = k.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        q = q.view(B, T, -1, self.head_dim)  # (B, T, H, D)
+        k = k.view(B, T, -1, self.head_dim)  # (B, T, Hkv, D)
+        if self.q_norm is not None:  # before RoPE, as Qwen3 does
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, T, D), (B, Hkv, T, D)
         v = v.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         q, k = kernels.apply_rope(q, k, cos, sin)
         if cache is not None:
@@ -129,7 +189,11 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """The model. Built on ``torch.device("meta")`` it holds no memory and no values (a sharded
+    run materializes and initializes it after sharding); otherwise it comes out initialized by
+    :meth:`reset_parameters` from ``init_seed``."""
+
+    def __init__(self, cfg: ModelConfig, *, init_seed: int | None = None):
         super().__init__()
         cfg.validate()
         self.config = cfg
@@ -139,23 +203,45 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.reset_parameters()
+        if not self.embed_tokens.weight.is_meta:  # on meta, pretrain.initialize fills the shards
+            self.reset_parameters(init_seed)
+
+    def param_init(self, name: str, param: torch.Tensor) -> ParamInit:
+        """The init rule: how parameter ``name`` starts. Biases zero, gains (1-D) one, matrices
+        normal(0, init_std), the residual output projections scaled by 1/sqrt(2 n_layers), or
+        zero with ``zero_init_residual`` (each block then starts as the identity)."""
+        cfg = self.config
+        if name.endswith(".bias"):
+            return ParamInit(fill=0.0)
+        if param.dim() == 1:
+            return ParamInit(fill=1.0)
+        if name.endswith(("o_proj.weight", "down_proj.weight")):
+            if cfg.zero_init_residual:
+                return ParamInit(fill=0.0)
+            return ParamInit(std=cfg.init_std / math.sqrt(2 * cfg.n_layers))
+        return ParamInit(std=cfg.init_std)
 
     @torch.no_grad()
-    def reset_parameters(self) -> None:
-        """Normal(0, init_std) weights; residual output projections scaled by 1/sqrt(2 n_layers),
-        or zero with ``zero_init_residual`` (each block then starts as the identity)."""
-        std = self.config.init_std
+    def reset_parameters(self, seed: int | None = None) -> None:
+        """Every parameter by :meth:`param_init`, its noise drawn block by block from ``seed``
+        (None: a seed drawn from torch's global generator, so ``torch.manual_seed`` decides).
+
+        The values are those :mod:`pretrain.initialize` gives each shard of a sharded model
+        with the same seed, on any number of ranks (see :func:`init_block`).
+        """
+        if seed is None:
+            seed = draw_init_seed()
         for name, p in self.named_parameters():
-            if p.dim() == 1:
-                nn.init.ones_(p)
-            elif name.endswith(("o_proj.weight", "down_proj.weight")):
-                if self.config.zero_init_residual:
-                    nn.init.zeros_(p)
-                else:
-                    nn.init.normal_(p, mean=0.0, std=std / math.sqrt(2 * self.config.n_layers))
-            else:
-                nn.init.normal_(p, mean=0.0, std=std)
+            init = self.param_init(name, p)
+            if init.std == 0.0:
+                p.fill_(init.fill)
+                continue
+            rows = init_block_rows(p.shape)
+            flat = p.view(p.shape[0], -1)
+            for block in range(math.ceil(p.shape[0] / rows)):
+                flat[block * rows : (block + 1) * rows] = init_block(
+                    init, seed, name, p.shape, block
+                )
 
     def forward(
         self,
@@ -183,7 +269,7 @@ class Transformer(nn.Module):
                 if doc_ids is not None
                 else torch.arange(T, device=idx.device)
             )
-        cos, sin = kernels.rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
+        cos, sin = rope_tables(self.config, positions)
         if cos.dim() == 3:  # per-sequence positions (B, T, D/2) broadcast over heads
             cos, sin = cos[:, None], sin[:, None]
         x = self.embed_tokens(idx)
@@ -287,6 +373,20 @@ def product_weights(model: Transformer, *, head: bool = True) -> list[torch.Tens
 
 def _input_weights(fused: FusedLinear | None, *linears: nn.Linear) -> list[torch.Tensor]:
     return [m.weight for m in linears] if fused is None else [fused.weight]
+
+
+def rope_tables(cfg: ModelConfig, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE's cos and sin at ``positions``, with the config's theta and frequency scaling."""
+    return kernels.rope_cos_sin(
+        positions,
+        cfg.head_dim,
+        cfg.rope_theta,
+        scaling=cfg.rope_scaling,
+        factor=cfg.rope_factor,
+        low_freq_factor=cfg.rope_low_freq_factor,
+        high_freq_factor=cfg.rope_high_freq_factor,
+        original_max_len=cfg.rope_original_max_seq_len,
+    )
 
 
 def _positions_within_documents(doc_ids: torch.Tensor) -> torch.Tensor:
