@@ -154,8 +154,11 @@ def test_cli_unknown_subcommand_is_one_line_exit_2():
 
 
 def _value(key):
-    section, name = key.split(".")
-    return getattr(getattr(Config(), section), name)
+    """The default of a dotted key, however deep (``finetune.lora.rank``)."""
+    value = Config()
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
 
 
 def _numeric_keys():
