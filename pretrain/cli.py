@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("pretrain.export", "freeze a checkpoint into a Hugging Face Llama directory"),
     "serve": ("pretrain.serve.server", "serve an export over an OpenAI-compatible HTTP API"),
     "generate": ("pretrain.generate", "print a continuation of a prompt from an export"),
+    "eval": ("pretrain.evaluate", "perplexity and multiple-choice accuracy on local task files"),
     "plot": ("pretrain.plot", "plot loss curves and throughput of a run"),
 }
 

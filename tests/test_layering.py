@@ -31,12 +31,13 @@ LAYERS: list[tuple[tuple[str, ...], bool]] = [  # (modules, peers)
     (("model",), False),  # the transformer, single-device PyTorch
     (("data", "optim", "parallel"), True),  # datasets and loaders; optimizers; FSDP, devices
     (("checkpoint",), False),  # DCP checkpoints: save, resume, read weights
+    (("lora",), False),  # LoRA adapters on the model; their checkpoints, merge and PEFT files
     (("hf",), False),  # the Hugging Face layout: names, config.json
     (("export",), False),  # export directories: write, verify, load
     (("inference",), False),  # an export loaded for generation and serving
     (("metrics", "plot", "sft"), False),  # run logs and plots; the SFT data and loader
     (("train",), False),  # the training loop
-    (("finetune", "generate", "serve"), True),  # the commands built on training and inference
+    (("finetune", "generate", "serve", "evaluate"), True),  # the commands on training, inference
     (("cli", "launch"), False),  # the command line and the torchrun launcher
 ]
 
