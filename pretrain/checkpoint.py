@@ -43,6 +43,7 @@ import base64
 import contextlib
 import errno
 import fcntl
+import hashlib
 import io
 import json
 import os
@@ -92,6 +93,9 @@ TRAINER_STATE = "trainer.json"
 LOCK_FILE = ".run.lock"
 TRAINER_FORMAT = 2  # 1: the pickled "trainer" entry of older checkpoints (read, never written)
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+# A model with frozen parameters (LoRA) is checkpointed without them; this file names their base.
+BASE_POINTER = "base.json"
+_SMALL_FILE = 1 << 20  # files up to this size count by content in a base's identity
 # Model keys a resume may change: they only matter when the weights are first initialised.
 _MODEL_KEYS_FREE_ON_RESUME = ("init_std", "zero_init_residual")
 
@@ -581,6 +585,8 @@ class Checkpointer:
         self.async_save = config.checkpoint.async_save
         self._pending: tuple[Any, Path, Path, int] | None = None  # (future, tmp, final, bytes)
         self._async_group = None
+        self._frozen = False  # the latest saved model had frozen parameters (LoRA)
+        self._pointer: str | None = None  # base.json of such checkpoints, made once
         self._remove_incomplete()
 
     # ------------------------------------------------------------------ finding checkpoints
@@ -636,10 +642,27 @@ class Checkpointer:
     # ------------------------------------------------------------------ saving
 
     def _state(self, model, optimizer) -> dict[str, Any]:
+        self._frozen = has_frozen_parameters(model)
         return {
-            "model": get_model_state_dict(model),
+            "model": trainable_state_dict(model),
             "optimizer": get_optimizer_state_dict(model, optimizer),
         }
+
+    def _base_pointer(self) -> str:
+        """``base.json`` of a checkpoint without its frozen parameters: where they come from
+        (``checkpoint.init_from``, resolved to the step or export it names now) and that
+        directory's identity, so a base changed or replaced later is refused, not used."""
+        if self._pointer is None:
+            init = self.config.checkpoint.init_from
+            if not init:
+                raise UserError(
+                    "a model with frozen parameters needs checkpoint.init_from: its checkpoints "
+                    "hold only the trainable ones"
+                )
+            base = resolve_base(init)
+            pointer = {"path": str(base.resolve()), "identity": base_identity(base)}
+            self._pointer = json.dumps(pointer, indent=2) + "\n"
+        return self._pointer
 
     def _trainer_json(self, trainer: dict[str, Any]) -> str:
         """``trainer.json``: the loop's state with every rank's loader and RNG state (a
@@ -773,6 +796,8 @@ class Checkpointer:
             return
         try:
             save_config(self.config, tmp / "config.toml")
+            if self._frozen:
+                _write_text_atomic(tmp / BASE_POINTER, self._base_pointer())
             if self.tokenizer_path is not None and self.tokenizer_path.is_file():
                 shutil.copyfile(self.tokenizer_path, tmp / "tokenizer.json")
             _fsync_dir(tmp)
@@ -843,7 +868,7 @@ class Checkpointer:
         """
         path = find_checkpoint(path)
         metadata = read_metadata(path)
-        model_sd = get_model_state_dict(model)
+        model_sd = trainable_state_dict(model)
         _check_model_shapes(path, metadata, model_sd, "model.")
         _check_model_config(path, self.config)
         legacy = not (path / TRAINER_STATE).is_file()
@@ -862,7 +887,8 @@ class Checkpointer:
         dcp_load(state, path)
         if legacy:
             trainer = _legacy_trainer_state(path, state["trainer"])
-        set_model_state_dict(model, state["model"])
+        strict = StateDictOptions(strict=not has_frozen_parameters(model))  # frozen: the base's
+        set_model_state_dict(model, state["model"], options=strict)
         set_optimizer_state_dict(model, optimizer, state["optimizer"])
         if self.dist.is_main:
             print(f"resumed from {path} at step {trainer['step']}", flush=True)
@@ -903,6 +929,63 @@ def _check_model_config(path: Path, config) -> None:
             "resume with the model section it was saved with, or start a new run from its "
             "weights with --checkpoint.init_from"
         )
+
+
+# ---------------------------------------------------------------------- frozen parameters
+
+
+def has_frozen_parameters(model) -> bool:
+    return any(not p.requires_grad for p in model.parameters())
+
+
+def trainable_state_dict(model) -> dict[str, Any]:
+    """The model entries a checkpoint holds: all of them, or only the trainable ones when some
+    are frozen (LoRA: the adapters; the frozen base stays where ``base.json`` points)."""
+    options = StateDictOptions(ignore_frozen_params=has_frozen_parameters(model))
+    return get_model_state_dict(model, options=options)
+
+
+def resolve_base(path: str | os.PathLike) -> Path:
+    """The directory a base pointer names: an export as given, a run through its ``latest``."""
+    p = Path(path)
+    return p if (p / "config.json").is_file() else find_checkpoint(p)
+
+
+def base_identity(path: str | os.PathLike) -> str:
+    """A cheap content identity of a checkpoint or export directory: the sha256 over every
+    file's name and size, and the bytes of the small ones (an export's ``checksums.sha256``,
+    a checkpoint's ``.metadata``, ``trainer.json`` and ``config.toml``)."""
+    root, digest = Path(path), hashlib.sha256()
+    for f in sorted(q for q in root.rglob("*") if q.is_file()):
+        size = f.stat().st_size
+        digest.update(f"{f.relative_to(root)}\0{size}\0".encode())
+        if size <= _SMALL_FILE:
+            digest.update(f.read_bytes())
+    return digest.hexdigest()
+
+
+def checkpoint_base(step_dir: str | os.PathLike) -> Path | None:
+    """The base of a checkpoint saved without its frozen parameters (None for a full one),
+    checked to be the directory it was trained on."""
+    pointer_file = Path(step_dir) / BASE_POINTER
+    if not pointer_file.is_file():
+        return None
+    try:
+        pointer = json.loads(pointer_file.read_text())
+        base, identity = Path(pointer["path"]), str(pointer["identity"])
+    except (ValueError, KeyError, TypeError):
+        raise UserError(f"{pointer_file} cannot be read: the checkpoint is damaged") from None
+    if not base.is_dir():
+        raise UserError(
+            f"checkpoint {step_dir} holds only its trainable parameters; their base {base} is "
+            "gone: put the base back at that path"
+        )
+    if base_identity(base) != identity:
+        raise UserError(
+            f"checkpoint {step_dir} was trained on the base {base}, which has changed since: "
+            "restore that base (its files differ from the ones the adapters were trained on)"
+        )
+    return base
 
 
 # ---------------------------------------------------------------------- weights only
@@ -967,6 +1050,11 @@ def read_model_weights(
     one name or both; the result always has both names for the same tensor.
     """
     step_dir = Path(step_dir)
+    if (step_dir / BASE_POINTER).is_file():
+        raise UserError(
+            f"checkpoint {step_dir} holds LoRA adapters, not full weights: export it "
+            "(pretrain export merges them into its base) and use the export"
+        )
     cfg = read_checkpoint_config(step_dir)
     template = _weights_template(step_dir, cfg, read_metadata(step_dir))
     dcp_load({"model": template}, step_dir, no_dist=True)
@@ -979,9 +1067,14 @@ def set_full_weights(model, weights: dict[str, torch.Tensor], source: str) -> No
     """Load full (unsharded) ``weights`` read from ``source`` into ``model``, sharded or not,
     in the model's dtypes, after checking every parameter is there with its shape."""
     model_sd = get_model_state_dict(model)
+    frozen = has_frozen_parameters(model)
+    if frozen:  # LoRA: the weights are the frozen base; the adapters keep their initial values
+        trainable = trainable_state_dict(model)
+        model_sd = {k: t for k, t in model_sd.items() if k not in trainable}
     check_fits_model(source, {k: tuple(t.shape) for k, t in weights.items()}, model_sd)
     full = {k: weights[k].to(t.dtype) for k, t in model_sd.items()}
-    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, strict=True))
+    options = StateDictOptions(full_state_dict=True, strict=not frozen)
+    set_model_state_dict(model, full, options=options)
 
 
 def load_weights(path: str | Path, model) -> None:

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from pretrain import lora
 from pretrain.checkpoint import (
     find_checkpoint,
     load_weights,
@@ -446,6 +447,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing export")
     parser.add_argument(
+        "--lora-only",
+        action="store_true",
+        help="a LoRA checkpoint: write its adapters in PEFT's format instead of merging them",
+    )
+    parser.add_argument(
         "--max-shard-size",
         default=DEFAULT_MAX_SHARD_SIZE,
         metavar="SIZE",
@@ -459,13 +465,29 @@ def _describe(out: Path) -> str:
     return f"{len(files)} safetensors file{'s' if len(files) > 1 else ''}, {size / 1e6:.1f} MB"
 
 
+def _export_peft_adapter(step_dir: Path, out: Path, dtype: str) -> int:
+    """``--lora-only``: the adapters as a PEFT adapter directory, for the base they were trained on."""
+    if not lora.is_adapter_checkpoint(step_dir):
+        raise UserError(f"--lora-only: {step_dir} is not a LoRA checkpoint (finetune.lora.rank 0)")
+    lora.write_peft_adapter(step_dir, out, dtype=DTYPES[dtype])
+    print(f"exported the LoRA adapters of {step_dir} in PEFT format to {out}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     step_dir = resolve_checkpoint(args.checkpoint)
     out = Path(args.out)
     _check_out_dir(out, args.overwrite)
     parse_size(args.max_shard_size)
+    export_family(read_checkpoint_config(step_dir))  # before reading any weights
     print(f"reading {step_dir}", flush=True)
-    cfg, state_dict = read_model_weights(step_dir)
+    if args.lora_only or lora.is_adapter_checkpoint(step_dir):
+        if args.lora_only:
+            return _export_peft_adapter(step_dir, out, args.dtype)
+        config, state_dict = lora.merged_weights(step_dir, init_from)  # adapters into the base
+        cfg = config.model
+    else:
+        cfg, state_dict = read_model_weights(step_dir)
     n_params = sum(
         t.numel()
         for n, t in state_dict.items()

@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 import kernels
-from pretrain.checkpoint import Checkpointer, lock_run_dir
+from pretrain.checkpoint import Checkpointer, checkpoint_base, lock_run_dir
 from pretrain.config import (
     Config,
     ConfigError,
@@ -61,6 +61,7 @@ from pretrain.config import (
 from pretrain.data import TokenLoader, VerifiedShards, load_manifest
 from pretrain.errors import UserError
 from pretrain.export import DTYPES, init_from
+from pretrain.lora import apply_lora_from_config
 from pretrain.metrics import MetricsLogger, mfu, peak_flops, peak_memory_gb
 from pretrain.model import Transformer
 from pretrain.optim import (
@@ -699,6 +700,9 @@ def _set_up(
     states: dict[str, Stateful] = {"spikes": spikes, "loader": train_loader}
     progress = _Progress()
     if resume_from is not None:
+        base = checkpoint_base(resume_from)  # a LoRA checkpoint: the frozen base comes first
+        if base is not None:
+            init_from(base, model)
         _resume(checkpointer, resume_from, config, model, optimizer, progress, states)
     elif config.checkpoint.init_from:
         init_from(config.checkpoint.init_from, model)
@@ -841,6 +845,7 @@ def _build_model(
     model = Transformer(config.model)
     flops_per_token = model.flops_per_token(config.data.seq_len)
     n_params = model.num_params()
+    apply_lora_from_config(model, config)  # finetune.lora.rank > 0: frozen base, adapters
     param_dtype = _param_dtype(config, dist_info.device)
     model = parallelize(
         model,
