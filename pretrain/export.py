@@ -479,7 +479,6 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     _check_out_dir(out, args.overwrite)
     parse_size(args.max_shard_size)
-    export_family(read_checkpoint_config(step_dir))  # before reading any weights
     print(f"reading {step_dir}", flush=True)
     if args.lora_only or lora.is_adapter_checkpoint(step_dir):
         if args.lora_only:
