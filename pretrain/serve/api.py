@@ -249,9 +249,9 @@ def check_sampling(req: _SamplingFields) -> None:
         )
 
 
-def check_max_tokens(value: int | None, param: str = "max_tokens") -> None:
+def check_max_tokens(value: int | None, param: str = "max_tokens", hint: str = "") -> None:
     if value is not None and value < 1:
-        raise APIError(400, f"{param} must be at least 1, got {value}", param=param)
+        raise APIError(400, f"{param} must be at least 1, got {value}{hint}", param=param)
 
 
 def check_logprobs(value: int | None, param: str) -> None:

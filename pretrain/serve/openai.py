@@ -43,13 +43,29 @@ class Prepared:
     echo_texts: list[str] = field(default_factory=list)
 
 
+# Scoring clients (lm-eval's loglikelihood) ask for one token and read the prompt's logprobs.
+SCORING_HINT = (
+    "; to score a prompt, send it with echo, logprobs and max_tokens 1, and read the prompt's "
+    "token_logprobs (the last entry is the generated token)"
+)
+
+
 def _parse_generation(state: ServerState, model_cls, raw: bytes):
     """A completion or chat request, parsed and through the checks both kinds share."""
     req = parse(model_cls, raw)
     state.check_model(req.model)
     check_sampling(req)
-    check_max_tokens(req.max_tokens)
     return req
+
+
+def _check_prompts_fit(state: ServerState, req, prompts) -> None:
+    """A prompt longer than the context is refused naming both lengths, before max_tokens is
+    looked at: a scoring request (echo, max_tokens 0 or 1) learns what to cut."""
+    max_len = state.loaded.max_len
+    for _, ids in prompts:
+        if len(ids) > max_len:
+            asked = req.max_tokens if req.max_tokens is not None and req.max_tokens > 0 else 0
+            raise context_error(max_len, len(ids), asked, "prompt")
 
 
 def _completion_budget(state: ServerState, asked: int | None, prompt_len: int, what: str) -> int:
@@ -65,6 +81,8 @@ def prepare_completion(state: ServerState, raw: bytes) -> Prepared:
     req = _parse_generation(state, CompletionRequest, raw)
     check_logprobs(req.logprobs, "logprobs")
     prompts = state.prompts(req.prompt)
+    _check_prompts_fit(state, req, prompts)
+    check_max_tokens(req.max_tokens, hint=SCORING_HINT if req.echo else "")
     specs = []
     for _, ids in prompts:
         max_tokens = _completion_budget(state, req.max_tokens, len(ids), "prompt")
@@ -79,6 +97,7 @@ def prepare_completion(state: ServerState, raw: bytes) -> Prepared:
 
 def prepare_chat(state: ServerState, raw: bytes) -> Prepared:
     req = _parse_generation(state, ChatRequest, raw)
+    check_max_tokens(req.max_tokens)
     check_max_tokens(req.max_completion_tokens, "max_completion_tokens")
     check_logprobs(req.top_logprobs, "top_logprobs")
     if req.top_logprobs is not None and not req.logprobs:
