@@ -16,6 +16,9 @@ three differences:
   per-conversation attention, a held-out validation split;
 - the length is ``finetune.epochs`` passes over the data, unless that is 0 (then ``train.steps``).
 
+``--finetune.lora.rank R`` trains low-rank adapters on a frozen base instead of every weight
+(:mod:`pretrain.lora`); its checkpoints hold the adapters and a pointer to the init.
+
 The result is a normal checkpoint, with the init's tokenizer: ``pretrain export`` and
 ``pretrain serve`` take it as they take a pretraining run.
 """
@@ -31,6 +34,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from pretrain import lora
 from pretrain.chat import read_chat_template
 from pretrain.checkpoint import find_checkpoint
 from pretrain.config import (
@@ -250,6 +254,8 @@ def sft_train_data(config: Config, data: SFTData, init: InitSource, out_dir: Pat
         if dist_info.is_main:
             print(data.summary["report"], flush=True)
             print(_length_line(config, data.summary["rows_per_epoch"]), flush=True)
+            if config.finetune.lora.rank > 0:
+                print(lora.describe(config.model, config.finetune.lora), flush=True)
             _write_summary(out_dir, data.summary)
 
     return TrainData(

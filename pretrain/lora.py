@@ -39,7 +39,7 @@ from pretrain.checkpoint import (
     find_checkpoint,
     read_metadata,
 )
-from pretrain.config import Config, ConfigError, LoRAConfig, load_config
+from pretrain.config import Config, ConfigError, LoRAConfig, ModelConfig, load_config
 from pretrain.errors import UserError
 from pretrain.model import Transformer
 
@@ -148,7 +148,30 @@ def apply_lora_from_config(model: nn.Module, config: Config) -> nn.Module:
             "finetune.lora.rank > 0 adapts a trained model: give it with --init-from "
             "(pretrain finetune) or --checkpoint.init_from"
         )
+    if config.parallel.tp > 1:
+        raise ConfigError(
+            "finetune.lora with parallel.tp > 1 is not supported: the tensor-parallel plan "
+            "splits plain projections; use parallel.tp = 1 (FSDP2 shards the adapters)"
+        )
     return apply_lora(model, cfg)
+
+
+def adapter_count(model_cfg: ModelConfig, cfg: LoRAConfig) -> int:
+    """How many parameters the adapters of ``cfg`` add to a model of ``model_cfg``."""
+    with torch.device("meta"):
+        model = apply_lora(Transformer(model_cfg), cfg)
+    return sum(p.numel() for p in adapter_parameters(model).values())
+
+
+def describe(model_cfg: ModelConfig, cfg: LoRAConfig) -> str:
+    """One line for a run's report: what is trained, and how much of the model that is."""
+    with torch.device("meta"):
+        total = Transformer(model_cfg).num_params()
+    n = adapter_count(model_cfg, cfg)
+    return (
+        f"LoRA rank {cfg.rank} (alpha {cfg.alpha:g}) on {','.join(cfg.targets)}: {n:,} trainable "
+        f"parameters ({100 * n / total:.2f}% of {total:,}), base frozen in {cfg.base_dtype}"
+    )
 
 
 def has_adapters(model: nn.Module) -> bool:
