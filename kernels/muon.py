@@ -29,7 +29,8 @@ rank ``i % world``. One ``all_to_all`` sends every rank's rows of each matrix, c
 and a second ``all_to_all`` sends each rank back its rows of the result. A step thus moves each
 local shard twice in ``ns_dtype``, holds about 1/world of the matrices whole on each rank and
 spreads the iteration's FLOPs over the ranks, instead of every rank gathering and orthogonalizing
-everything.
+everything. A DTensor of any other placement (HSDP's replicated shards, tensor-parallel splits on
+a 2-D mesh) is gathered whole on every rank, orthogonalized there, and each rank keeps its part.
 """
 
 from __future__ import annotations
@@ -70,7 +71,8 @@ class _Matrix:
 
 
 def _placement(p: torch.Tensor) -> tuple[str, Any]:
-    """("local", None) for a whole matrix on this rank, ("rows", mesh) for a row-sharded DTensor."""
+    """("local", None) for a whole matrix on this rank, ("rows", mesh) for a row-sharded DTensor
+    on a 1-D mesh (FSDP2), ("gather", None) for any other placement (HSDP, tensor parallel)."""
     mesh = getattr(p, "device_mesh", None)
     if mesh is None:
         return "local", None
@@ -81,10 +83,26 @@ def _placement(p: torch.Tensor) -> tuple[str, Any]:
         return "local", None
     if mesh.ndim == 1 and placements == (Shard(0),):
         return "rows", mesh
-    raise NotImplementedError(
-        f"kernels.Muon handles DTensor parameters replicated or sharded by rows on a 1-D mesh "
-        f"(FSDP2's Shard(0)); got placements {placements} on a {mesh.ndim}-D mesh"
-    )
+    return "gather", None
+
+
+def _whole(p, local_update: torch.Tensor) -> torch.Tensor:
+    """The whole update of DTensor ``p`` from every rank's local part (an all-gather over its
+    mesh; each rank then orthogonalizes the matrix itself)."""
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(
+        local_update, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride()
+    ).full_tensor()
+
+
+def _own_part(p, whole: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a whole matrix laid out like DTensor ``p`` (a local slice, no
+    communication)."""
+    from torch.distributed.tensor import DTensor, Replicate
+
+    replicated = DTensor.from_local(whole, p.device_mesh, [Replicate()] * p.device_mesh.ndim)
+    return replicated.redistribute(p.device_mesh, p.placements).to_local()
 
 
 def _row_counts(rows: int, world: int) -> list[int]:
@@ -301,7 +319,10 @@ class Muon(torch.optim.Optimizer):
 
     def _orthogonalize(self, matrices: list[_Matrix]) -> None:
         """Fill ``m.result`` (this rank's rows of NS(update)) for every matrix."""
-        whole = [m for m in matrices if m.placement[0] == "local"]
+        gathered_whole = [m for m in matrices if m.placement[0] == "gather"]
+        for m in gathered_whole:
+            m.update = _whole(m.param, m.update)
+        whole = [m for m in matrices if m.placement[0] in ("local", "gather")]
         by_mesh: dict[int, list[_Matrix]] = {}
         for m in matrices:
             if m.placement[0] == "rows":
@@ -312,7 +333,7 @@ class Muon(torch.optim.Optimizer):
                  for i, full in owned]  # fmt: skip
         results = self._batched_newton_schulz(jobs)
         for m, r in zip(whole, results):
-            m.result = r
+            m.result = _own_part(m.param, r) if m.placement[0] == "gather" else r
         results = results[len(whole) :]
         for ms, owned in zip(by_mesh.values(), gathered):
             mine, results = results[: len(owned)], results[len(owned) :]

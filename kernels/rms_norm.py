@@ -339,10 +339,56 @@ def _fits_kernel(x: torch.Tensor, weight: torch.Tensor) -> bool:
 def rms_norm(
     x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5, *, backend: str | None = None
 ) -> torch.Tensor:
-    """RMSNorm over the last dimension (any width); output in ``x.dtype``, statistics in fp32."""
+    """RMSNorm over the last dimension (any width); output in ``x.dtype``, statistics in fp32.
+
+    A DTensor ``x`` (a sequence-parallel shard of the residual stream) is normalized on its
+    local rows; see :func:`_rms_norm_local_rows`.
+    """
+    if _is_dtensor(x) or _is_dtensor(weight):
+        return _rms_norm_local_rows(x, weight, eps, backend)
     if use_triton(x, backend) and _fits_kernel(x, weight):
         return _RMSNormFunction.apply(x, weight, eps)
     return rms_norm_reference(x, weight, eps)
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    return hasattr(t, "device_mesh") and hasattr(t, "to_local")
+
+
+def _rms_norm_local_rows(x, weight, eps: float, backend: str | None):
+    """RMSNorm of a DTensor split along any dim but the last: each rank normalizes its own rows
+    with the fused op on plain tensors, and the output keeps ``x``'s placements.
+
+    The (replicated) weight's gradient from local rows is a partial sum over the mesh dims that
+    split the rows, declared so (``grad_placements``), and DTensor/FSDP2 reduce it.
+    """
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+
+    if not isinstance(x, DTensor):
+        raise TypeError("kernels.rms_norm: a DTensor weight needs a DTensor input on its mesh")
+    last = x.ndim - 1
+    for p in x.placements:
+        if p.is_partial() or (isinstance(p, Shard) and p.dim in (-1, last)):
+            raise ValueError(
+                f"kernels.rms_norm normalizes the last dim, which must be whole on every rank; "
+                f"got placements {tuple(x.placements)}"
+            )
+    if isinstance(weight, DTensor):
+        if weight.device_mesh != x.device_mesh or not all(
+            p.is_replicate() for p in weight.placements
+        ):
+            raise ValueError(
+                f"kernels.rms_norm needs the weight replicated on the input's mesh; got "
+                f"{tuple(weight.placements)} on {weight.device_mesh}"
+            )
+        split = [Replicate() if p.is_replicate() else Partial() for p in x.placements]
+        weight = weight.to_local(grad_placements=split)
+    elif not all(p.is_replicate() for p in x.placements) and weight.requires_grad:
+        raise ValueError("kernels.rms_norm: rows split over ranks need a DTensor weight")
+    y = rms_norm(x.to_local(), weight, eps, backend=backend)
+    return DTensor.from_local(
+        y, x.device_mesh, x.placements, run_check=False, shape=x.shape, stride=x.stride()
+    )
 
 
 def add_rms_norm(

@@ -77,10 +77,15 @@ from pretrain.parallel import (
     DistInfo,
     all_reduce_sum,
     barrier,
+    build_mesh,
+    check_tensor_parallel,
+    clip_grad_norm,
+    data_parallel_rank,
     destroy_distributed,
     init_distributed,
     parallelize,
     resolve_device,
+    set_gradient_sync,
 )
 
 ACCEPTS_OVERRIDES = True
@@ -289,15 +294,11 @@ class SpikeDetector:
 def _total_grad_norm(model: torch.nn.Module, max_norm: float) -> float:
     """Clip gradients to ``max_norm`` (0: no clipping) and return their norm before clipping.
 
-    With FSDP2 the gradients are DTensor shards and ``clip_grad_norm_`` reduces the norm over
-    all ranks itself; the result is a replicated DTensor.
+    The gradients may be DTensor shards of several meshes and placements (FSDP2, HSDP, tensor
+    parallel); :func:`pretrain.parallel.clip_grad_norm` counts every element once, over the
+    whole mesh.
     """
-    norm = torch.nn.utils.clip_grad_norm_(
-        model.parameters(), max_norm if max_norm > 0 else float("inf")
-    )
-    if hasattr(norm, "full_tensor"):
-        norm = norm.full_tensor()
-    return float(norm)
+    return clip_grad_norm(model.parameters(), max_norm)
 
 
 def _micro_batch_losses(
@@ -335,23 +336,34 @@ def forward_backward(
     world_size: int,
     device: torch.device,
     autocast: Callable[[], contextlib.AbstractContextManager],
+    tp_size: int = 1,
 ) -> tuple[float, int]:
     """Accumulate the gradient of this rank's share of a global batch; return (loss, tokens).
 
     Each micro-batch contributes ``sum of its token losses / global token count``; FSDP
-    averages gradients over ranks, hence the factor ``world_size``.
+    averages gradients over the ``world_size / tp_size`` data-parallel ranks, hence that
+    factor (the ``tp_size`` ranks of a tensor-parallel group share their rows, so the sums over
+    all ranks count each row ``tp_size`` times). Gradients are reduced after the last
+    micro-batch only; the earlier ones accumulate unsharded.
     """
     local_tokens = int((batch.targets != -100).sum())
-    (global_tokens,) = all_reduce_sum([local_tokens], device)
+    (global_tokens,) = all_reduce_sum([local_tokens / tp_size], device)
     if global_tokens == 0:
         raise UserError("a training batch has no target tokens (every target is -100)")
-    scale = world_size / global_tokens
+    scale = world_size / tp_size / global_tokens
+    n_micro = -(-batch.targets.shape[0] // micro_batch_size)
     loss_sum = torch.zeros((), device=device, dtype=torch.float32)
-    for loss in _micro_batch_losses(model, batch, micro_batch_size, device, autocast):
-        (loss * scale).backward()
-        loss_sum += loss.detach().float()
-    (total,) = all_reduce_sum([loss_sum.item()], device)
-    return total / global_tokens, int(global_tokens)
+    try:
+        for i, loss in enumerate(
+            _micro_batch_losses(model, batch, micro_batch_size, device, autocast)
+        ):
+            set_gradient_sync(model, i == n_micro - 1)
+            (loss * scale).backward()
+            loss_sum += loss.detach().float()
+    finally:
+        set_gradient_sync(model, True)
+    (total,) = all_reduce_sum([loss_sum.item() / tp_size], device)
+    return total / global_tokens, round(global_tokens)
 
 
 def train_step(
@@ -369,6 +381,7 @@ def train_step(
     spikes: SpikeDetector | None = None,
     skip_spikes: bool = True,
     measure_update: bool = False,
+    tp_size: int = 1,
 ) -> StepStats:
     """One optimizer step on one global batch.
 
@@ -386,6 +399,7 @@ def train_step(
         world_size=world_size,
         device=device,
         autocast=autocast,
+        tp_size=tp_size,
     )
     grad_norm = _total_grad_norm(model, grad_clip)
     guard = spikes if spikes is not None else SpikeDetector(math.inf)
@@ -449,11 +463,15 @@ def check_config(config: Config, world_size: int) -> int:
             f"data.seq_len={config.data.seq_len} is longer than model.max_seq_len="
             f"{config.model.max_seq_len}; lower data.seq_len or raise model.max_seq_len"
         )
-    per_pass = t.micro_batch_size * world_size
+    replicate, shard, tp = config.parallel.mesh_shape(world_size)
+    check_tensor_parallel(config.model, tp, config.data.seq_len)
+    dp = replicate * shard  # the tp ranks of a group read the same rows
+    per_pass = t.micro_batch_size * dp
     if t.global_batch_size % per_pass:
+        what = "world size" if tp == 1 else "data-parallel ranks"
         raise ConfigError(
             f"train.global_batch_size={t.global_batch_size} is not divisible by "
-            f"train.micro_batch_size x world size = {t.micro_batch_size} x {world_size} = "
+            f"train.micro_batch_size x {what} = {t.micro_batch_size} x {dp} = "
             f"{per_pass}; the global batch must be a whole number of micro-batches per rank"
         )
     return t.global_batch_size // per_pass
@@ -689,7 +707,8 @@ def _set_up(
     """Data, checkpointer, model, optimizer (after FSDP2: it steps the sharded parameters),
     resume or initial weights, and the log; returns the run, where it stands and what it
     resumed from."""
-    device, world, rank = dist_info.device, dist_info.world_size, dist_info.rank
+    device = dist_info.device
+    rank, world = data_parallel_rank(dist_info, config.parallel)  # whose rows this rank reads
     data = data or _default_data(config)
     if data.on_start is not None:
         data.on_start(dist_info)
@@ -850,9 +869,11 @@ def _build_model(
     model = parallelize(
         model,
         dist_info,
+        config.parallel,
         param_dtype=param_dtype,
         activation_checkpointing=t.activation_checkpointing,
         compile=t.compile,
+        mesh=build_mesh(dist_info, config.parallel),
     )
     model.to(dist_info.device)
     model.train()
@@ -1016,6 +1037,7 @@ def _probe_after_update(run: _Run, progress: _Progress) -> tuple[float, float]:
         world_size=run.dist_info.world_size,
         device=run.dist_info.device,
         autocast=run.autocast,
+        tp_size=_tp_size(run),
     )
     grad_norm = _total_grad_norm(run.model, 0.0)
     run.optimizer.zero_grad(set_to_none=True)
@@ -1043,6 +1065,11 @@ def _check_before_saving(run: _Run, progress: _Progress) -> str | None:
     return None
 
 
+def _tp_size(run: _Run) -> int:
+    """The ranks of one tensor-parallel group (they read the same rows)."""
+    return run.config.parallel.mesh_shape(run.dist_info.world_size)[2]
+
+
 def _take_step(run: _Run, progress: _Progress, lr: float, measure_update: bool = False) -> None:
     """One optimizer step on the next global batch, counted in ``progress``.
 
@@ -1066,6 +1093,7 @@ def _take_step(run: _Run, progress: _Progress, lr: float, measure_update: bool =
         spikes=run.spikes,
         skip_spikes=t.skip_spikes,
         measure_update=measure_update,
+        tp_size=_tp_size(run),
     )
     progress.step += 1
     progress.tokens_seen += progress.last.tokens
@@ -1123,7 +1151,7 @@ def _evaluate_and_log(run: _Run, progress: _Progress) -> None:
         return
     val_loss = evaluate(
         run.model,
-        run.data.make_val(run.dist_info.rank, run.dist_info.world_size),
+        run.data.make_val(*data_parallel_rank(run.dist_info, run.config.parallel)),
         batches=config.eval.batches,
         micro_batch_size=config.train.micro_batch_size,
         device=run.dist_info.device,
