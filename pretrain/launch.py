@@ -13,10 +13,12 @@ it passes the signal to every worker, which finishes its step, saves a checkpoin
 checkpoint takes.
 
 Restarts. With torchrun's ``--max-restarts N`` a failed worker (a crash, a lost GPU, an NCCL
-timeout) makes the agent stop the others and start them all again, up to N times. A restarted
-trainer sees ``TORCHELASTIC_RESTART_COUNT`` > 0 and resumes from the latest checkpoint of its
-``--out`` as if given ``--checkpoint.resume auto`` (pretrain/train.py); a first start is
-unchanged. A worker that was preempted exits 0 and is not restarted.
+timeout) makes the agent stop the others and start them all again, up to N times (counted per
+agent). A restarted trainer sees ``TORCHELASTIC_RESTART_COUNT`` > 0 and resumes from the latest
+checkpoint of its ``--out`` as if given ``--checkpoint.resume auto`` (pretrain/train.py); a
+first start is unchanged. A worker that was preempted exits 0 and is not restarted. Each
+attempt gets a fresh process-group store (``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``; see
+:func:`apply_worker_env`).
 
 The rendezvous port. ``--rdzv-endpoint HOST`` without a port gets the job's own port,
 :func:`rendezvous_port` of the job id: ``--job-id`` if given, else ``$SLURM_JOB_ID``, else the
@@ -32,6 +34,9 @@ The environment. Each variable of :data:`WORKER_ENV` is set for the workers unle
 ``PRETRAIN_DIST_TIMEOUT``, the timeout of every collective of the trainer's process group
 (``init_process_group(timeout=...)``; torch's default is 10 minutes for NCCL, 30 for gloo):
 raise it when a checkpoint save or the first step's compilation keeps some ranks away longer.
+The network interfaces are the cluster's own (:data:`INTERFACE_HINTS`: ``NCCL_SOCKET_IFNAME``,
+``NCCL_IB_HCA``, ``GLOO_SOCKET_IFNAME``) and get no default. ``--print-env`` prints all of these
+as the workers would see them.
 """
 
 from __future__ import annotations
@@ -50,10 +55,7 @@ HANDLED_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
 SHUTDOWN_TIMEOUT_S = "300"
 PORT_BASE, PORT_SPAN = 20000, 9000
 
-# Set for the workers unless the environment already has them. Interface and HCA names are the
-# cluster's own and have no default here: NCCL_SOCKET_IFNAME (e.g. "ib0" or "^lo,docker"),
-# NCCL_IB_HCA (e.g. "mlx5"), GLOO_SOCKET_IFNAME (the interface gloo's CPU collectives use);
-# export them before the launch when NCCL or gloo picks the wrong interface.
+# Set for the workers unless the environment already has them.
 WORKER_ENV = {
     # A failed or timed-out collective tears the process down (3: without aborting the
     # communicator first, torch's own default, pinned here against a cluster's 0, with which
@@ -69,17 +71,26 @@ WORKER_ENV = {
     "OMP_NUM_THREADS": "1",
 }
 
+# The cluster's own names, with no default here: export them before the launch when NCCL or gloo
+# picks the wrong network interface (NCCL_DEBUG=INFO prints the one it took).
+INTERFACE_HINTS = {
+    "NCCL_SOCKET_IFNAME": "NCCL's bootstrap and socket traffic, e.g. ib0, or ^lo,docker to exclude",
+    "NCCL_IB_HCA": "the InfiniBand adapters NCCL may use, e.g. mlx5 (a prefix)",
+    "GLOO_SOCKET_IFNAME": "the interface of gloo's CPU collectives, e.g. ib0 or eth0",
+}
+
 
 def rendezvous_port(job_id: str) -> int:
     """The job's rendezvous port: the same on every node of the job, different between jobs.
 
-    Numeric ids (Slurm's, PBS's ``1234.server`` is read as 1234) map to consecutive ports;
-    any other id to a hash, so the rule is deterministic across nodes and Python processes.
+    Numeric ids (Slurm's; PBS's ``1234.server`` is read as 1234) map to consecutive ports;
+    any other id (``12345_7`` of a Slurm array task too) to a CRC-32 of it, which unlike
+    ``hash()`` is the same in every Python process, so every node computes the same port.
     """
     job_id = job_id.strip()
     if not job_id:
         raise UserError("the job id is empty; give --job-id ID or a port in --rdzv-endpoint")
-    head = job_id.split(".")[0].split("_")[0]
+    head = job_id.split(".")[0]
     offset = int(head) if head.isdigit() else zlib.crc32(job_id.encode())
     return PORT_BASE + offset % PORT_SPAN
 
@@ -90,6 +101,7 @@ def _launch_options_parser() -> argparse.ArgumentParser:
     p.add_argument("--job-id", default=None)
     p.add_argument("--dist-timeout", default=None)
     p.add_argument("--print-port", action="store_true")
+    p.add_argument("--print-env", action="store_true")
     return p
 
 
@@ -165,14 +177,41 @@ def torchrun_argv(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     return own, rest + argv[start:]
 
 
-def apply_worker_env(timeout: str | None) -> None:
-    """Set :data:`WORKER_ENV` (where unset) and the collective timeout for the workers."""
-    for name, value in WORKER_ENV.items():
-        os.environ.setdefault(name, value)
-    os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", SHUTDOWN_TIMEOUT_S)
+def _max_restarts(torchrun_args: list[str]) -> int:
+    found = _option_value(torchrun_args, "--max-restarts", "--max_restarts")
+    return int(found[1]) if found and found[1].isdigit() else 0
+
+
+def apply_worker_env(timeout: str | None, max_restarts: int = 0) -> None:
+    """Set :data:`WORKER_ENV` (where unset) and the collective timeout for the workers.
+
+    With restarts, every attempt gets a store of its own: torchrun's default shares the
+    agent's rendezvous store across attempts, where a restarted rank can read the address its
+    dead predecessor published and fail to connect (pytorch/pytorch#135712).
+    """
     if timeout is not None:
         dist_timeout(timeout)  # refused here, before any process starts
         os.environ[DIST_TIMEOUT_ENV] = timeout
+    for name, value in WORKER_ENV.items():
+        os.environ.setdefault(name, value)
+    if max_restarts > 0:
+        os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+    os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", SHUTDOWN_TIMEOUT_S)
+
+
+def worker_env_lines() -> list[str]:
+    """``NAME=value`` of every variable this launcher sets or hints at, as the workers would
+    see them now (``--print-env``): what to check first when ranks cannot find each other."""
+    lines = [f"{n}={os.environ.get(n, v)}" for n, v in WORKER_ENV.items()]
+    lines.append(
+        f"TORCH_ELASTIC_SHUTDOWN_TIMEOUT={os.environ.get('TORCH_ELASTIC_SHUTDOWN_TIMEOUT', SHUTDOWN_TIMEOUT_S)}"
+    )
+    lines.append(
+        f"{DIST_TIMEOUT_ENV}={os.environ.get(DIST_TIMEOUT_ENV, '')}  # --dist-timeout; empty: torch's"
+    )
+    for name, what in INTERFACE_HINTS.items():
+        lines.append(f"{name}={os.environ.get(name, '')}  # {what}")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -184,7 +223,10 @@ def main(argv: list[str] | None = None) -> int:
                 raise UserError("--print-port needs a job id: --job-id ID or $SLURM_JOB_ID")
             print(rendezvous_port(job_id))
             return 0
-        apply_worker_env(own.dist_timeout)
+        if own.print_env:
+            print("\n".join(worker_env_lines()))
+            return 0
+        apply_worker_env(own.dist_timeout, _max_restarts(args[: _program_start(args)]))
     except UserError as e:
         print(f"pretrain.launch: error: {e}", file=sys.stderr)
         return 2
