@@ -837,12 +837,18 @@ def _open_checkpointer(
     """The run's checkpointer and the checkpoint to resume from (None: start fresh).
 
     Starting fresh in a directory that holds an earlier run's checkpoints is refused: the new
-    run would write its checkpoints among the old ones.
+    run would write its checkpoints among the old ones. Workers restarted by torchrun
+    (``--max-restarts``) continue from the latest checkpoint of the run, as
+    ``--checkpoint.resume auto`` would: all of them, when any rank's agent counts a restart
+    (``TORCHELASTIC_RESTART_COUNT`` is per node: the healthy nodes' ranks restart at 0).
     """
     checkpointer = Checkpointer(
         out_dir, dist_info=dist_info, config=config, tokenizer_path=tokenizer_path
     )
-    resume_from = checkpointer.resolve_resume(config.checkpoint.resume)
+    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    (restarted,) = all_reduce_sum([float(restarts)], dist_info.device)
+    resume = "auto" if restarted and checkpointer.has_checkpoints() else config.checkpoint.resume
+    resume_from = checkpointer.resolve_resume(resume)
     if resume_from is None and checkpointer.has_checkpoints():
         raise UserError(
             f"{out_dir} already holds checkpoints of an earlier run; continue it with "
