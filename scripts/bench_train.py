@@ -13,8 +13,17 @@ GPU section (when CUDA is available): tokens/s and MFU of gpt2-124m and llama-1b
 for a few steps of random tokens, with the PyTorch reference ops, with the Triton kernels, and
 with the Triton kernels plus torch.compile.
 
+Activation checkpointing section (``--only ac``): llama-1b (configs/llama-1b.toml) on one GPU
+with the Triton kernels, trained with ``train.activation_checkpointing`` none, selective and
+full at the same micro batch: tokens/s, MFU (the model's flops_per_token over the device's
+dense bf16 peak, pretrain.metrics.peak_flops) and peak memory for each, after warm-up steps.
+``--device cpu --tiny`` runs the same section on the tiny config on a CPU with the PyTorch
+reference ops (no MFU: the peak of a CPU is not known), which checks the code path without a GPU.
+
     python scripts/bench_train.py                    # CPU: tiny config, 10 timed steps each
     python scripts/bench_train.py --json out.json    # also write the numbers as JSON
+    python scripts/bench_train.py --only ac --json ac.json          # the AC section, on a GPU
+    python scripts/bench_train.py --only ac --device cpu --tiny     # its code path on a CPU
 """
 
 from __future__ import annotations
@@ -206,46 +215,74 @@ def cpu_section(args) -> dict:
 # --------------------------------------------------------------------------- GPU section
 
 
-def gpu_run(config_path: str, mode: str, steps: int, micro: int, seq_len: int) -> dict:
-    """tokens/s and MFU of ``steps`` training steps on random tokens on one GPU."""
+def gpu_run(
+    config_path: str,
+    mode: str,
+    steps: int,
+    micro: int,
+    seq_len: int,
+    *,
+    ac: str | None = None,
+    device_type: str = "cuda",
+    warmup: int = 3,
+) -> dict:
+    """tokens/s and MFU of ``steps`` training steps on random tokens on one device.
+
+    ``ac``: the activation checkpointing mode (None: the config's). On a GPU the model is
+    built on the device itself (no minute-long CPU initialisation of a 1B model) and trained in
+    bf16 through FSDP2's one-process mixed precision, as the trainer does.
+    """
     import kernels
-    from pretrain.metrics import mfu, peak_flops
+    from pretrain.metrics import mfu, peak_flops, peak_memory_gb
     from pretrain.parallel import init_distributed, parallelize
 
-    cfg = load_config(config_path)
-    dist_info = init_distributed("cuda")  # a one-process group: FSDP2 carries bf16 mixed precision
+    cfg = load_config(config_path, [("train.device", device_type)])
+    cfg.model.max_seq_len = max(cfg.model.max_seq_len, seq_len)
+    dist_info = init_distributed(device_type)  # on a GPU a one-process group: FSDP2 carries bf16
     device = dist_info.device
+    cuda = device.type == "cuda"
     kernels.set_backend("torch" if mode == "reference" else "triton")
     torch.manual_seed(0)
-    model = Transformer(cfg.model)
+    with device:
+        model = Transformer(cfg.model)
     flops = model.flops_per_token(seq_len)
-    model = parallelize(model, dist_info, param_dtype=torch.bfloat16,
-                        activation_checkpointing=cfg.train.activation_checkpointing,
+    model = parallelize(model, dist_info, param_dtype=torch.bfloat16 if cuda else torch.float32,
+                        activation_checkpointing=cfg.train.activation_checkpointing if ac is None else ac,
                         compile=mode == "triton+compile")  # fmt: skip
     cfg.optimizer.name = "torch" if mode == "reference" else "adamw"
     optimizer = build_optimizer(model, cfg, device)
     tokens = torch.randint(0, cfg.model.vocab_size, (micro, seq_len + 1), device=device)
     batch = Batch(tokens[:, :-1], tokens[:, 1:])
-    torch.cuda.reset_peak_memory_stats(device)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
 
     def step():
         return train_step(model, optimizer, batch, step=1, lr=1e-4, micro_batch_size=micro,
                           world_size=1, grad_clip=1.0, device=device)  # fmt: skip
 
-    for _ in range(3):  # warmup (and compilation)
-        step()
-    torch.cuda.synchronize()
+    def sync():
+        if cuda:
+            torch.cuda.synchronize(device)
+
+    for _ in range(warmup):  # warm-up (and compilation)
+        loss = step().loss
+    sync()
     t0 = time.perf_counter()
     for _ in range(steps):
-        step()
-    torch.cuda.synchronize()
+        loss = step().loss
+    sync()
     tps = steps * micro * seq_len / (time.perf_counter() - t0)
+    if not math.isfinite(loss):
+        raise RuntimeError(f"the loss is {loss} after {warmup + steps} steps")
     result = {
         "config": Path(config_path).stem, "mode": mode, "tokens_per_s": tps,
         "mfu": mfu(flops, tps, 1, peak_flops(device)),
-        "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 1e9,
-        "micro_batch": micro, "seq_len": seq_len,
+        "peak_mem_gb": peak_memory_gb(device),
+        "micro_batch": micro, "seq_len": seq_len, "steps": steps, "loss": loss,
+        "flops_per_token": flops,
     }  # fmt: skip
+    if ac is not None:
+        result["activation_checkpointing"] = ac
     kernels.set_backend("auto")
     return result
 
@@ -266,6 +303,56 @@ def gpu_section(args) -> list[dict]:
     return rows
 
 
+AC_MODES = ("none", "selective", "full")
+
+
+def ac_section(args) -> list[dict]:
+    """One run per activation checkpointing mode, same model, batch and steps."""
+    if args.tiny:
+        config, micro, seq_len, steps, warmup = "configs/tiny.toml", 2, 64, 2, 1
+    else:
+        config, micro, seq_len, steps, warmup = (args.ac_config, args.ac_micro, args.ac_seq_len,
+                                                 args.gpu_steps, 3)  # fmt: skip
+    mode = "triton" if args.device == "cuda" else "reference"  # no interpreter on a CPU here
+    rows = []
+    for ac in AC_MODES:
+        try:
+            rows.append(gpu_run(config, mode, steps, micro, seq_len, ac=ac,
+                                device_type=args.device, warmup=warmup))  # fmt: skip
+        except Exception as e:  # an out-of-memory mode should not hide the others
+            rows.append({"config": Path(config).stem, "activation_checkpointing": ac,
+                         "error": repr(e)[:300]})  # fmt: skip
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def print_ac_table(rows: list[dict], device_name: str) -> None:
+    r0 = next((r for r in rows if "error" not in r), rows[0])
+    print(f"\nActivation checkpointing ({r0['config']}, {device_name}, micro batch "
+          f"{r0.get('micro_batch')} x {r0.get('seq_len')}, {r0.get('steps')} timed steps)")  # fmt: skip
+    print("| activation checkpointing | tokens/s | MFU | peak mem GB | last loss |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['activation_checkpointing']} | failed: {r['error']} | | | |")
+            continue
+        m = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
+        mem = f"{r['peak_mem_gb']:.1f}" if r["peak_mem_gb"] is not None else "-"
+        print(f"| {r['activation_checkpointing']} | {r['tokens_per_s']:,.0f} | {m} | {mem} "
+              f"| {r['loss']:.4f} |")  # fmt: skip
+
+
+def write_json(path: str, out: dict) -> None:
+    """Atomically: a reader (gpu_check.sh's summary) never sees half a file."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(target.name + ".tmp")
+    tmp.write_text(json.dumps(out, indent=2) + "\n")
+    tmp.replace(target)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -276,10 +363,30 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--steps", type=int, default=10, help="timed steps per implementation (CPU)")
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--gpu-steps", type=int, default=10)
+    p.add_argument("--gpu-steps", type=int, default=10, help="timed steps per GPU run")
     p.add_argument("--no-gpu", action="store_true")
+    p.add_argument("--only", choices=("all", "ac"), default="all",
+                   help="ac: only the activation checkpointing section")  # fmt: skip
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                   help="the device of the ac section")  # fmt: skip
+    p.add_argument("--tiny", action="store_true",
+                   help="ac section on configs/tiny.toml, 2 steps (a CPU check of the path)")  # fmt: skip
+    p.add_argument("--ac-config", default="configs/llama-1b.toml")
+    p.add_argument("--ac-micro", type=int, default=8, help="sequences per step (ac section)")
+    p.add_argument("--ac-seq-len", type=int, default=2048)
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args()
+    if args.only == "ac":
+        if args.device == "cuda" and not torch.cuda.is_available():
+            raise SystemExit("bench_train: no CUDA device; use --device cpu --tiny on a CPU")
+        rows = ac_section(args)
+        name = torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu"
+        print_ac_table(rows, name)
+        if args.json:
+            write_json(args.json, {"device": name, "activation_checkpointing": rows})
+        if any("error" in r for r in rows):
+            raise SystemExit(1)
+        return
     out = {"cpu": cpu_section(args)}
     c = out["cpu"]
     print(f"\nCPU step ({c['config']}, batch {c['batch']} x {c['seq_len']}, micro {c['micro_batch']}, "
@@ -302,8 +409,7 @@ def main() -> None:
                 f"| {r['config']} | {r['mode']} | {r['tokens_per_s']:,.0f} | {m} | {r['peak_mem_gb']:.1f} |"
             )
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(out, indent=2))
+        write_json(args.json, out)
 
 
 if __name__ == "__main__":

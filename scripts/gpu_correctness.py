@@ -9,7 +9,12 @@ own error in that dtype, or below a small floor. Every call of ours is made with
 reference function replaced by one that raises, so a silent fallback cannot pass as the kernel.
 
 Ops: attention (causal, non-causal, GQA, document masks, ragged lengths), decode attention,
-RMSNorm, SwiGLU, RoPE, linear + cross-entropy, and ten AdamW steps against torch.optim.AdamW.
+RMSNorm and the fused residual add + RMSNorm (against ``torch.nn.functional.rms_norm``), SwiGLU,
+RoPE in both layouts (``bhtd``, and ``bthd`` on strided views of a fused q/k/v projection),
+linear + cross-entropy, Newton-Schulz orthogonalization, ten AdamW steps against
+torch.optim.AdamW (plain, and with the gradient clipped through ``clip_grad_scale`` /
+``step(grad_scale=...)`` against ``clip_grad_norm_``), and ten Muon steps against
+torch.optim.Muon (torch >= 2.9) where the reference for both is the same Muon in float64.
 
 Usage::
 
@@ -34,6 +39,7 @@ import contextlib  # noqa: E402
 import datetime  # noqa: E402
 import importlib  # noqa: E402
 import json  # noqa: E402
+import math  # noqa: E402
 import warnings  # noqa: E402
 from collections.abc import Callable, Iterator  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
@@ -52,6 +58,9 @@ from kernels.decode_attention import decode_attention, decode_attention_referenc
 # fp32 allows for tf32 matrix products, the GPU default in tl.dot.
 FLOOR = {torch.float32: 2e-3, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
 FLOOR_POINTWISE = {torch.float32: 1e-5, torch.bfloat16: 8e-3, torch.float16: 1e-3}
+# Five bf16 Newton-Schulz steps land a few percent from the exact iteration whatever the order of
+# accumulation; a wrong kernel (coefficients, a transpose, a padding tile) is off by O(1).
+FLOOR_NEWTON_SCHULZ = {torch.bfloat16: 5e-2}
 
 
 @dataclass
@@ -127,8 +136,14 @@ def compare(op, case, dtype, ours, reference, inputs, fallback, floor=FLOOR, gra
     with no_fallback(*fallback):
         mine = outputs_and_grads(ours, cast_inputs(inputs, dtype), grad_seed)
     err_torch, err_ours = relative_error(same, gold), relative_error(mine, gold)
-    limit = max(2 * err_torch, floor[dtype])
-    return Check(op, case, str(dtype).removeprefix("torch."), err_ours, err_torch, limit)
+    return Check(op, case, str(dtype).removeprefix("torch."), err_ours, err_torch,
+                 limit_for(err_torch, floor[dtype]))  # fmt: skip
+
+
+def limit_for(err_torch: float, floor: float) -> float:
+    """Twice the reference's own error, at least ``floor``; just ``floor`` when the reference
+    overflowed in the dtype (an infinite limit would pass anything)."""
+    return max(2 * err_torch, floor) if math.isfinite(err_torch) else floor
 
 
 # --------------------------------------------------------------------------- the ops
@@ -258,6 +273,61 @@ def pointwise_checks(device, dtypes, smoke: bool) -> list[Check]:
         for dtype in dtypes:
             checks.append(compare("rope", label, dtype, ours, ref, inputs,
                                   ("kernels.rope", "apply_rope_reference"), FLOOR_POINTWISE))  # fmt: skip
+    return (
+        checks
+        + add_rms_norm_checks(device, dtypes, smoke)
+        + rope_bthd_checks(device, dtypes, smoke)
+    )
+
+
+def add_rms_norm_checks(device, dtypes, smoke: bool) -> list[Check]:
+    """The residual add fused with RMSNorm against PyTorch's own ``F.rms_norm`` of the sum."""
+    checks = []
+    for shape in [(3, 50, 256)] if smoke else [(3, 50, 4096), (1000, 8192), (5, 768)]:
+        inputs = [
+            randn(*shape, device=device, seed=17),
+            randn(*shape, device=device, seed=18),
+            (1 + 0.1 * randn(shape[-1], device=device, seed=19)).detach().requires_grad_(),
+        ]
+
+        def ref(x, r, w):
+            summed = x + r
+            return torch.nn.functional.rms_norm(summed, (w.shape[0],), w, 1e-5), summed
+
+        for dtype in dtypes:
+            checks.append(compare(
+                "add_rms_norm", "x".join(map(str, shape)), dtype,
+                lambda x, r, w: kernels.add_rms_norm(x, r, w, 1e-5, backend="triton"), ref,
+                inputs, ("kernels.rms_norm", "add_rms_norm_reference"), FLOOR_POINTWISE,
+            ))  # fmt: skip
+    return checks
+
+
+def rope_bthd_checks(device, dtypes, smoke: bool) -> list[Check]:
+    """RoPE in the (B, T, H, D) layout on q and k as strided views of one fused q/k/v output,
+    the way a fused projection hands them over (the gradient flows into the fused tensor)."""
+    checks = []
+    for B, Hq, Hkv, T, D in (
+        [(2, 4, 2, 20, 32)] if smoke else [(2, 32, 8, 257, 64), (1, 8, 8, 1024, 128)]
+    ):
+        cos, sin = kernels.rope_cos_sin(torch.arange(T, device=device), D)
+        qkv = randn(B, T, Hq + 2 * Hkv, D, device=device, seed=20)
+
+        def split(qkv, Hq=Hq, Hkv=Hkv):
+            return qkv[:, :, :Hq], qkv[:, :, Hq : Hq + Hkv]
+
+        def ours(qkv, cos=cos, sin=sin):
+            return kernels.apply_rope(*split(qkv), cos, sin, backend="triton", layout="bthd")
+
+        def ref(qkv, cos=cos, sin=sin):  # the bhtd reference on transposed copies
+            q, k = (t.transpose(1, 2) for t in split(qkv))
+            q_out, k_out = kernels.apply_rope_reference(q, k, cos, sin)
+            return q_out.transpose(1, 2), k_out.transpose(1, 2)
+
+        for dtype in dtypes:
+            checks.append(compare("rope bthd", f"B{B} T{T} Hq{Hq} Hkv{Hkv} D{D} fused qkv", dtype,
+                                  ours, ref, [qkv], ("kernels.rope", "apply_rope_reference"),
+                                  FLOOR_POINTWISE))  # fmt: skip
     return checks
 
 
@@ -337,6 +407,104 @@ def adamw_checks(device, dtypes, smoke: bool) -> list[Check]:
     return checks
 
 
+def newton_schulz_checks(device, smoke: bool) -> list[Check]:
+    """The bf16 iteration of the kernels against the same iteration in PyTorch matmuls (the
+    operations torch.optim.Muon uses), both measured against it in float64."""
+    shapes = [(48, 80), (80, 48)] if smoke else [(1024, 4096), (4096, 1024), (3, 768, 768)]
+    checks = []
+    for shape in shapes:
+        g = randn(*shape, device=device, grad=False, seed=21)
+
+        def ours(g):
+            return kernels.newton_schulz(g, dtype=g.dtype, backend="triton")
+
+        def ref(g):
+            return kernels.newton_schulz_reference(g, dtype=g.dtype)
+
+        checks.append(compare("newton_schulz", "x".join(map(str, shape)), torch.bfloat16, ours,
+                              ref, [g], ("kernels.newton_schulz", "_iterate_torch"),
+                              FLOOR_NEWTON_SCHULZ))  # fmt: skip
+    return checks
+
+
+def adamw_clip_checks(device, dtypes, smoke: bool) -> list[Check]:
+    """Ten clipped AdamW steps: ours takes the coefficient of ``kernels.clip_grad_scale`` in the
+    kernel (``step(grad_scale=...)``, ``p.grad`` untouched); the reference clips ``p.grad``
+    with ``torch.nn.utils.clip_grad_norm_`` and steps torch.optim.AdamW. The gradients are
+    scaled so that every step clips."""
+    shapes = [(33, 17), (64,)] if smoke else [(4096, 1024), (1024,), (3, 1000, 7)]
+    hyper = {"lr": 1e-2, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1}
+    max_norm, checks = 1.0, []
+    for dtype in dtypes:
+        gen = torch.Generator(device=device).manual_seed(22)
+        init = [torch.randn(s, device=device, generator=gen).to(dtype) for s in shapes]
+        grads = [[torch.randn(s, device=device, generator=gen).to(dtype) for s in shapes]
+                 for _ in range(10)]  # fmt: skip
+        mine, gold, same = (
+            [p.clone() for p in init],
+            [p.double() for p in init],
+            [p.clone() for p in init],
+        )
+        ours_opt = kernels.AdamW(mine, backend="triton", **hyper)
+        gold_opt = torch.optim.AdamW(gold, foreach=False, **hyper)
+        same_opt = torch.optim.AdamW(same, foreach=False, **hyper)
+        clipped = 0
+        for step in grads:
+            for group in (mine, gold, same):
+                for p, g in zip(group, step):
+                    p.grad = g.to(p.dtype)
+            norm, coefficient = kernels.clip_grad_scale(mine, max_norm)
+            clipped += int(coefficient.item() < 1.0)
+            with no_fallback("kernels.adamw", "_torch_update"):
+                ours_opt.step(grad_scale=coefficient)
+            for group, opt in ((gold, gold_opt), (same, same_opt)):
+                torch.nn.utils.clip_grad_norm_(group, max_norm)
+                opt.step()
+            with torch.no_grad():
+                for p in gold:
+                    p.copy_(p.to(dtype).double())
+        err_ours, err_torch = relative_error(mine, gold), relative_error(same, gold)
+        floor = {torch.float32: 1e-6, torch.bfloat16: 8e-3, torch.float16: 1e-3}[dtype]
+        limit = limit_for(err_torch, floor) if clipped == len(grads) else 0.0  # no clip: fail
+        checks.append(Check("adamw clipped", f"10 steps max_norm {max_norm} ({clipped} clipped)",
+                            str(dtype).removeprefix("torch."), err_ours, err_torch, limit))  # fmt: skip
+    return checks
+
+
+def muon_checks(device, smoke: bool) -> list[Check]:
+    """Ten steps of kernels.Muon (bf16 Newton-Schulz in the kernels) and of torch.optim.Muon
+    (its own bf16 iteration) on the same fp32 matrices, each against kernels.Muon computed in
+    float64 throughout. Needs torch.optim.Muon (torch >= 2.9); none otherwise."""
+    torch_muon = getattr(torch.optim, "Muon", None)
+    if torch_muon is None:
+        print("gpu_correctness: torch.optim.Muon missing (torch < 2.9): Muon check skipped")
+        return []
+    shapes = [(48, 80), (80, 48)] if smoke else [(1024, 4096), (4096, 1024), (768, 768)]
+    hyper = {"lr": 0.02, "weight_decay": 0.1, "momentum": 0.95, "nesterov": True}
+    gen = torch.Generator(device=device).manual_seed(23)
+    init = [torch.randn(s, device=device, generator=gen) for s in shapes]
+    grads = [[torch.randn(s, device=device, generator=gen) for s in shapes] for _ in range(10)]
+    mine, gold, same = (
+        [p.clone() for p in init],
+        [p.double() for p in init],
+        [p.clone() for p in init],
+    )
+    ours_opt = kernels.Muon(mine, backend="triton", **hyper)
+    gold_opt = kernels.Muon(gold, backend="torch", ns_dtype=torch.float64, **hyper)
+    same_opt = torch_muon(same, **hyper)
+    for step in grads:
+        for group in (mine, gold, same):
+            for p, g in zip(group, step):
+                p.grad = g.to(p.dtype)
+        with no_fallback("kernels.newton_schulz", "_iterate_torch"):
+            ours_opt.step()
+        gold_opt.step()
+        same_opt.step()
+    err_ours, err_torch = relative_error(mine, gold), relative_error(same, gold)
+    case = "10 steps " + " ".join("x".join(map(str, s)) for s in shapes) + " vs torch.optim.Muon"
+    return [Check("muon", case, "bfloat16", err_ours, err_torch, limit_for(err_torch, 1e-3))]
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -351,6 +519,9 @@ def run_all(device: torch.device, smoke: bool) -> list[Check]:
     checks += pointwise_checks(device, everything, smoke)
     checks += cross_entropy_checks(device, everything, smoke)
     checks += adamw_checks(device, (torch.float32, *low), smoke)
+    checks += adamw_clip_checks(device, (torch.float32, *low), smoke)
+    checks += newton_schulz_checks(device, smoke)
+    checks += muon_checks(device, smoke)
     return checks
 
 
