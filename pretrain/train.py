@@ -657,6 +657,7 @@ class _Progress:
     preempted: bool = False
     signal: str | None = None  # the signal that preempted the run on this rank, if any
     batch: Any = None  # the latest step's batch
+    cpu_s: float = 0.0  # CPU seconds of this process in training steps (not evaluations)
 
     def state_dict(self) -> dict[str, int]:
         return {"step": self.step, "tokens_seen": self.tokens_seen, "skipped": self.skipped}
@@ -990,13 +991,19 @@ def _train_until(run: _Run, progress: _Progress, stop_at: int) -> None:
             lr = lr_at(progress.step, t)
             step = progress.step + 1
             logged = step % max(config.logging.every, 1) == 0 or step == stop_at
+            cpu_start = time.process_time()
             _take_step(run, progress, lr, measure_update=logged)
+            progress.cpu_s += time.process_time() - cpu_start
+            if t.cpu_budget_s > 0 and _budget_spent(progress.cpu_s, t.cpu_budget_s, device):
+                stop_at = step  # this step is the last: logged, evaluated and saved
+                logged = True
             window_tokens += progress.last.tokens
             if logged:
                 tokens_per_s = _tokens_per_second(window_tokens, window_start, device)
                 _log_train(run, progress, lr, tokens_per_s)
                 window_start, window_tokens = time.perf_counter(), 0
-            if config.eval.every > 0 and (step % config.eval.every == 0 or step == t.steps):
+            final = step == t.steps or (t.cpu_budget_s > 0 and step == stop_at)
+            if config.eval.every > 0 and (step % config.eval.every == 0 or final):
                 _evaluate_and_log(run, progress)
             run.checkpointer.poll()  # a background save that failed stops the run now
             reason = preemption.reason
@@ -1027,6 +1034,12 @@ def _train_until(run: _Run, progress: _Progress, stop_at: int) -> None:
                     "--checkpoint.resume auto to continue"
                 )
                 break
+
+
+def _budget_spent(cpu_s: float, budget_s: float, device: torch.device) -> bool:
+    """Whether any rank has used ``train.cpu_budget_s``: all ranks then stop at the same step."""
+    (spent,) = all_reduce_sum([1.0 if cpu_s >= budget_s else 0.0], device)
+    return spent > 0
 
 
 def _probe_after_update(run: _Run, progress: _Progress) -> tuple[float, float]:
@@ -1140,6 +1153,7 @@ def _log_train(run: _Run, progress: _Progress, lr: float, tokens_per_s: float) -
             "mfu": mfu(run.flops_per_token, tokens_per_s, run.dist_info.world_size, run.peak_flops),
             "peak_mem_gb": peak_memory_gb(device),
             "tokens": progress.tokens_seen,
+            "cpu_s": progress.cpu_s,
             "skipped": progress.skipped,
             **(last.update_rms or {}),
         },
@@ -1166,7 +1180,16 @@ def _evaluate_and_log(run: _Run, progress: _Progress) -> None:
     bpt = run.data.bytes_per_token
     progress.val_loss = val_loss
     progress.val_bpb = val_loss / math.log(2) / bpt if bpt else None
-    run.log.log("eval", progress.step, {"val_loss": val_loss, "val_bpb": progress.val_bpb})
+    run.log.log(
+        "eval",
+        progress.step,
+        {
+            "val_loss": val_loss,
+            "val_bpb": progress.val_bpb,
+            "tokens": progress.tokens_seen,
+            "cpu_s": progress.cpu_s,
+        },
+    )
 
 
 def _trainer_state(run: _Run, progress: _Progress) -> dict[str, Any]:
