@@ -214,9 +214,26 @@ def worker_env_lines() -> list[str]:
     return lines
 
 
+OWN_OPTIONS_HELP = """\
+python -m pretrain.launch [launch options] [torchrun options] -m pretrain.train [trainer args]
+
+launch options (before the training program; torchrun's own follow):
+  --job-id ID           the job's id (default: $SLURM_JOB_ID, else --rdzv-id): an --rdzv-endpoint
+                        without a port gets port 20000 + id mod 9000 (a hash for non-numbers)
+  --dist-timeout S      seconds any collective may wait (PRETRAIN_DIST_TIMEOUT; torch's default
+                        otherwise)
+  --print-port          print the job's rendezvous port and exit
+  --print-env           print the environment the training processes get and exit
+with torchrun's --max-restarts N, a restarted process resumes from the run's latest checkpoint.
+"""
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv[: _program_start(argv)]):
+        print(OWN_OPTIONS_HELP + "\ntorchrun's options:")  # torchrun's help follows
     try:
-        own, args = torchrun_argv(sys.argv[1:] if argv is None else argv)
+        own, args = torchrun_argv(argv)
         if own.print_port:
             job_id = _job_id(own.job_id, args)
             if job_id is None:

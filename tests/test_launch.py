@@ -74,6 +74,12 @@ def test_launch_options_are_checked_in_one_line(monkeypatch, capsys):
     assert "--print-port needs a job id" in err[1]
     assert launch_main(["--print-port", "--job-id", "31"]) == 0
     assert capsys.readouterr().out == "20031\n"
+    try:  # torchrun's help follows the launcher's own
+        code = launch_main(["--help"])
+    except SystemExit as e:  # argparse's exit, where torchrun does not turn it into a return
+        code = e.code
+    out = capsys.readouterr().out
+    assert code == 0 and "--dist-timeout S" in out and "--max-restarts" in out
 
 
 def test_the_collective_timeout_and_the_worker_environment(monkeypatch):
