@@ -65,6 +65,7 @@ def test_an_endpoint_without_a_port_gets_the_jobs_port(monkeypatch):
         assert torchrun_argv([*given, *program])[1] == [*given, *program]
 
 
+@pytest.mark.filterwarnings("ignore:Unable to enable fault handler")  # torchrun, in pytest
 def test_launch_options_are_checked_in_one_line(monkeypatch, capsys):
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
     assert launch_main(["--dist-timeout", "soon", "--standalone", "-m", "pretrain.train"]) == 2
