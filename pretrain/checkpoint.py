@@ -1077,15 +1077,35 @@ def set_full_weights(model, weights: dict[str, torch.Tensor], source: str) -> No
     set_model_state_dict(model, full, options=options)
 
 
-def load_weights(path: str | Path, model) -> None:
-    """Initialise ``model`` from a checkpoint's weights only (no optimizer or data state).
+def weights_to_load(model) -> dict[str, Any]:
+    """The model's state dict (sharded as the model is) that initial weights are loaded into:
+    all of it, or only the frozen base when some parameters are frozen (LoRA: the adapters keep
+    their initial values)."""
+    model_sd = get_model_state_dict(model)
+    if has_frozen_parameters(model):
+        trainable = trainable_state_dict(model)
+        model_sd = {k: t for k, t in model_sd.items() if k not in trainable}
+    return model_sd
 
-    ``path`` is a step directory, a run's ``checkpoints/`` or the run directory; an export is
-    loaded by :func:`pretrain.export.init_from`.
+
+def load_weights(path: str | Path, model) -> None:
+    """Initialise ``model`` (sharded or not) from a checkpoint's weights only (no optimizer or
+    data state).
+
+    DCP reads straight into the model's own state dict, so each rank reads only the slices of
+    its shards, whatever world size wrote the checkpoint. ``path`` is a step directory, a run's
+    ``checkpoints/`` or the run directory; an export is loaded by :func:`pretrain.export.init_from`.
     """
     p = Path(path)
     if not p.exists():
         raise UserError(f"checkpoint.init_from: {p} does not exist")
     step_dir = find_checkpoint(p)
-    _, weights = read_model_weights(step_dir)
-    set_full_weights(model, weights, f"checkpoint {step_dir}")
+    metadata = read_metadata(step_dir)
+    model_sd = weights_to_load(model)
+    tied = model.lm_head.weight is model.embed_tokens.weight
+    if tied and "model.lm_head.weight" not in metadata.state_dict_metadata:
+        model_sd.pop("lm_head.weight", None)  # the same parameter as the embedding
+    _check_model_shapes(step_dir, metadata, model_sd, "model.")
+    dcp_load({"model": model_sd}, step_dir)
+    strict = not has_frozen_parameters(model) and not tied
+    set_model_state_dict(model, model_sd, options=StateDictOptions(strict=strict))

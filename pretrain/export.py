@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import contextlib
 import json
 import os
 import re
@@ -36,11 +37,12 @@ import torch
 from pretrain import lora
 from pretrain.checkpoint import (
     find_checkpoint,
+    check_fits_model,
     load_weights,
     meta_state_dict,
     read_checkpoint_config,
     read_model_weights,
-    set_full_weights,
+    weights_to_load,
 )
 from pretrain.config import ModelConfig
 from pretrain.errors import UserError
@@ -63,6 +65,7 @@ from pretrain.hf import (
 )
 from pretrain.model import Transformer
 from pretrain.tokenizer import END_OF_TURN, EOS_TOKEN, load_tokenizer
+from pretrain.initialize import copy_into_local, named_parameters
 
 __all__ = [  # with the layout names of pretrain.hf that callers may still import from here
     "CONFIG",
@@ -426,10 +429,67 @@ def init_from(path: str | os.PathLike, model) -> None:
     if not p.exists():
         raise UserError(f"checkpoint.init_from: {p} does not exist")
     if not is_export_dir(p):
-        load_weights(p, model)
+        load_weights(p, model)  # DCP: each rank reads its own shards
         return
-    _, weights, _ = load_export(p)  # checksums verified, names mapped back to ours
-    set_full_weights(model, weights, f"export {p}")
+    verify_export(p)
+    _load_export_shards(p, model)
+
+
+def _export_slices(export_dir: Path, cfg: ModelConfig) -> dict[str, tuple[Path, str, tuple]]:
+    """Our parameter name -> (safetensors file, its key there, shape) of every weight of an
+    export, checked against ``config.json`` as :func:`load_export` does, without reading one."""
+    from safetensors import SafetensorError, safe_open
+
+    found: dict[str, tuple[Path, str, tuple]] = {}
+    for name in _weight_files(export_dir):
+        path = export_dir / name
+        if not path.is_file():
+            raise UserError(f"{path} is missing")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for key in f.keys():
+                    found[key] = (path, key, tuple(f.get_slice(key).get_shape()))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise UserError(
+                f"{path} is damaged and cannot be read ({e}); export it again"
+            ) from None
+    expected = to_hf_names(meta_state_dict(cfg), cfg.tie_embeddings)
+    problems = [f"{k} is missing" for k in expected if k not in found]
+    problems += [
+        f"{k} (in {found[k][0].name}) is not a weight of this model"
+        for k in found
+        if k not in expected
+    ]
+    problems += [
+        f"{k} (in {found[k][0].name}) has shape {found[k][2]}, {CONFIG} wants {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in found and found[k][2] != tuple(v.shape)
+    ]
+    if problems:
+        raise UserError(f"export {export_dir} does not match its {CONFIG}: {'; '.join(problems)}")
+    return from_hf_names(found, cfg.tie_embeddings)
+
+
+def _load_export_shards(export_dir: Path, model) -> None:
+    """The export's weights into ``model`` (sharded or not): each rank reads only the rows and
+    columns of its own shards from the safetensors files (``safe_open(...).get_slice``)."""
+    from safetensors import safe_open
+
+    slices = _export_slices(export_dir, read_export_config(export_dir))
+    targets = weights_to_load(model)  # under LoRA only the frozen base
+    check_fits_model(f"export {export_dir}", {k: v[2] for k, v in slices.items()}, targets)
+    with contextlib.ExitStack() as stack:
+        files: dict[Path, object] = {}
+        for name, param in named_parameters(model):  # a tied head is the embedding, read once
+            if name not in targets:
+                continue
+            path, key, _ = slices[name]
+            if path not in files:
+                files[path] = stack.enter_context(safe_open(str(path), framework="pt"))
+            weight = files[path].get_slice(key)
+            copy_into_local(
+                param, lambda rows, cols, w=weight: w[rows] if cols is None else w[rows, cols]
+            )
 
 
 # --------------------------------------------------------------------------- command line

@@ -41,7 +41,7 @@ from pretrain.checkpoint import (
 )
 from pretrain.config import Config, ConfigError, LoRAConfig, ModelConfig, load_config
 from pretrain.errors import UserError
-from pretrain.model import Transformer
+from pretrain.model import ParamInit, Transformer
 
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_CONFIG = "adapter_config.json"
@@ -84,6 +84,15 @@ class LoRALinear(nn.Module):
         """A Kaiming-uniform (as ``nn.Linear`` and PEFT), B zero: the product starts at zero."""
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
+
+    def param_init(self, name: str, param: torch.Tensor) -> ParamInit | None:
+        """The adapters' rule for a model initialized after sharding (``pretrain.initialize``):
+        the distribution of :meth:`reset_adapters`; None for the base weights (the model's)."""
+        if name == "lora_A.weight":  # Kaiming-uniform with a = sqrt(5): bound 1 / sqrt(fan_in)
+            return ParamInit(bound=1.0 / math.sqrt(param.shape[1]))
+        if name == "lora_B.weight":
+            return ParamInit(fill=0.0)
+        return None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)

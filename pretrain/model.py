@@ -39,10 +39,16 @@ INIT_BLOCK_ELEMENTS = 1 << 16  # noise is drawn in blocks of whole rows of about
 
 @dataclass(frozen=True)
 class ParamInit:
-    """How one parameter starts: normal(0, ``std``) noise, or all ``fill`` when ``std`` is 0."""
+    """How one parameter starts: normal(0, ``std``) noise, uniform(-``bound``, ``bound``) noise,
+    or all ``fill`` when both are 0."""
 
     std: float = 0.0
     fill: float = 0.0
+    bound: float = 0.0
+
+    @property
+    def is_constant(self) -> bool:
+        return self.std == 0.0 and self.bound == 0.0
 
 
 def draw_init_seed() -> int:
@@ -72,6 +78,8 @@ def init_block(
     digest = hashlib.blake2b(f"{seed}/{name}/{block}".encode(), digest_size=8).digest()
     gen = torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
     out = torch.empty(stop - start, math.prod(shape[1:]))
+    if init.bound > 0.0:
+        return out.uniform_(-init.bound, init.bound, generator=gen)
     return out.normal_(0.0, init.std, generator=gen)
 
 
@@ -233,7 +241,7 @@ class Transformer(nn.Module):
             seed = draw_init_seed()
         for name, p in self.named_parameters():
             init = self.param_init(name, p)
-            if init.std == 0.0:
+            if init.is_constant:
                 p.fill_(init.fill)
                 continue
             rows = init_block_rows(p.shape)

@@ -61,6 +61,7 @@ from pretrain.config import (
 from pretrain.data import TokenLoader, VerifiedShards, load_manifest
 from pretrain.errors import UserError
 from pretrain.export import DTYPES, init_from
+from pretrain.initialize import materialize
 from pretrain.lora import apply_lora_from_config
 from pretrain.metrics import MetricsLogger, mfu, peak_flops, peak_memory_gb
 from pretrain.model import Transformer
@@ -861,14 +862,17 @@ def _open_checkpointer(
 def _build_model(
     config: Config, dist_info: DistInfo
 ) -> tuple[torch.nn.Module, torch.dtype, float, int]:
-    """Seed, build the model and parallelize it; return it with its dtype, FLOPs/token, size.
+    """Seed, build the model on the meta device, parallelize it, then give each rank its shards
+    of the initial weights; return it with its dtype, FLOPs/token, size.
 
-    Seeding comes first so that the initial weights depend on ``train.seed`` alone; FLOPs and
-    parameter count are read before :func:`parallelize` shards the parameters.
+    No rank ever holds the whole model: :func:`materialize` allocates the local shards and fills
+    them from ``train.seed`` with the values ``Transformer(cfg, init_seed=train.seed)`` has, on
+    any mesh. FLOPs and parameter count are read before :func:`parallelize` shards the model.
     """
     t = config.train
     seed_everything(t.seed)
-    model = Transformer(config.model)
+    with torch.device("meta"):
+        model = Transformer(config.model)
     flops_per_token = model.flops_per_token(config.data.seq_len)
     n_params = model.num_params()
     apply_lora_from_config(model, config)  # finetune.lora.rank > 0: frozen base, adapters
@@ -882,7 +886,7 @@ def _build_model(
         compile=t.compile,
         mesh=build_mesh(dist_info, config.parallel),
     )
-    model.to(dist_info.device)
+    materialize(model, dist_info.device, t.seed)
     model.train()
     return model, param_dtype, flops_per_token, n_params
 

@@ -29,7 +29,7 @@ LAYERS: list[tuple[tuple[str, ...], bool]] = [  # (modules, peers)
     (("chat",), False),  # the chat template (tokens and roles of the tokenizer)
     (("kernels",), False),  # fused ops, Triton on CUDA and PyTorch elsewhere
     (("model",), False),  # the transformer, single-device PyTorch
-    (("data", "optim", "parallel"), True),  # datasets and loaders; optimizers; FSDP, devices
+    (("data", "optim", "parallel", "initialize"), True),  # data; optimizers; FSDP; init shards
     (("checkpoint",), False),  # DCP checkpoints: save, resume, read weights
     (("lora",), False),  # LoRA adapters on the model; their checkpoints, merge and PEFT files
     (("hf",), False),  # the Hugging Face layout: names, config.json
