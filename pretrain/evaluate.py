@@ -13,7 +13,7 @@ Two kinds of task, both scored by the model's one forward (no server, no network
 * **Multiple choice** (``--choices FILE``): a JSONL of ``{"context", "choices", "answer"}`` rows
   (the HellaSwag/ARC shape; ``answer`` is the index of the right choice). Each choice is scored
   as the sum of its tokens' log-probabilities after the context, tokenized as lm-eval does (the
-  context's trailing spaces move to the choice; the choice's tokens are those of
+  context's trailing whitespace moves to the choice; the choice's tokens are those of
   ``context + choice`` after those of the context). ``acc`` takes the likeliest choice,
   ``acc_norm`` the likeliest per UTF-8 byte of the choice (lm-eval divides by characters, which is
   the same for ASCII). A row longer than the context loses context tokens from the left.
@@ -298,10 +298,10 @@ def read_choices(path: str | Path) -> list[ChoiceRow]:
 def encode_pair(
     tokenizer, start_id: int, context: str, continuation: str
 ) -> tuple[list[int], list[int]]:
-    """(context ids, continuation ids) the way lm-eval splits them: trailing spaces of the context
+    """(context ids, continuation ids) the way lm-eval splits them: trailing whitespace of the context
     move to the continuation, and the continuation's ids are those of the whole text after the
     context's. An empty context is the start-of-document token."""
-    n_spaces = len(context) - len(context.rstrip(" "))
+    n_spaces = len(context) - len(context.rstrip())
     if n_spaces:
         context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
     if not context:

@@ -40,6 +40,7 @@ ROWS = [
     {"context": "", "choices": ["Hello world", "xq zv", "def f(x):"], "answer": 2},
     {"context": "lorem ipsum dolor " * 12, "choices": [" sit amet", " and so on"], "answer": 0},
     {"context": "1 2 3 4", "choices": [" 5", " five", " 6 7 8 9 10"], "answer": 0},
+    {"context": "def f(x):\n   ", "choices": [" return x", " pass"], "answer": 1},
 ]
 TEXT = (
     "The model predicts the next token. Ελληνικά και 日本語のテキスト 🙂🚀 — naïve café.\n"
@@ -95,7 +96,7 @@ def reference_choice_loglikelihoods(hf, tok, row: dict) -> list[float]:
     eos = tok.token_to_id(EOS_TOKEN)
     out = []
     for choice in row["choices"]:
-        context = row["context"].rstrip(" ")
+        context = row["context"].rstrip()
         continuation = row["context"][len(context) :] + choice
         if context:
             ctx = tok.encode(context, add_special_tokens=False).ids
