@@ -5,12 +5,12 @@
 #      clipped, Newton-Schulz and Muon against a float64 reference and PyTorch's own ops,
 #      fp32/bf16/fp16),
 #   2. kernel benchmarks against PyTorch (scripts/bench_kernels.py --quick),
-#   3. a short gpt2-124m training run (configs/gpt2-124m.toml, fewer steps) reporting MFU, on data
-#      prepared on the fly from this Python's standard library (needs tokenizers, nothing else
-#      beyond torch and numpy; skipped with a message otherwise),
-#   4. llama-1b (configs/llama-1b.toml) on one GPU with activation checkpointing none, selective
+#   3. llama-1b (configs/llama-1b.toml) on one GPU with activation checkpointing none, selective
 #      and full: tokens/s, MFU and peak memory of each (scripts/bench_train.py --only ac; random
 #      tokens, micro batch AC_MICRO x 2048, 3 warm-up and AC_STEPS timed steps),
+#   4. a short gpt2-124m training run (configs/gpt2-124m.toml, fewer steps) reporting MFU, on data
+#      prepared on the fly from this Python's standard library (needs tokenizers, nothing else
+#      beyond torch and numpy; skipped with a message otherwise),
 #   5. the gpt2-124m run on 2 processes (torchrun) when the machine has 2 or more GPUs,
 # then one summary table, also written as JSON to OUT/gpu_check.json.
 #
@@ -60,6 +60,10 @@ run_step() {
 
 run_step correctness 150 "$PY" scripts/gpu_correctness.py --json "$OUT/correctness.json"
 run_step bench 230 "$PY" scripts/bench_kernels.py --quick --json "$OUT/bench.json"
+# llama-1b with each activation checkpointing mode (random tokens: needs no data)
+rm -f "$OUT/train_ac.json"
+run_step train_ac 150 "$PY" scripts/bench_train.py --only ac --gpu-steps "${AC_STEPS:-10}" \
+  --ac-micro "${AC_MICRO:-8}" --json "$OUT/train_ac.json"
 
 # Training data: the standard library's top-level modules, tokenized with a GPT-2-sized BPE.
 # Plain text files need only tokenizers (not datasets; blake2b checksums when xxhash is missing).
@@ -75,11 +79,6 @@ if "$PY" -c "import tokenizers" 2>/dev/null; then
     --logging.wandb false)
   rm -rf "$OUT/train-1gpu" "$OUT/train-2gpu"
   run_step train_1gpu 150 "$PY" -m pretrain.train "${TRAIN_ARGS[@]}" --out "$OUT/train-1gpu"
-fi
-rm -f "$OUT/train_ac.json"
-run_step train_ac 150 "$PY" scripts/bench_train.py --only ac --gpu-steps "${AC_STEPS:-10}" \
-  --ac-micro "${AC_MICRO:-8}" --json "$OUT/train_ac.json"
-if "$PY" -c "import tokenizers" 2>/dev/null; then
   if ((N_GPUS >= 2)); then
     run_step train_2gpu 120 "$PY" -m torch.distributed.run --standalone --nproc_per_node=2 \
       -m pretrain.train "${TRAIN_ARGS[@]}" --out "$OUT/train-2gpu"
