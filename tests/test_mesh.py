@@ -260,6 +260,32 @@ def test_checkpoint_resumes_across_meshes_then_in_one_process(slow_runs, referen
     _assert_close(reference_losses["adamw"], chain)
 
 
+@pytest.mark.slow
+def test_trainer_resumes_across_meshes(tiny_dataset, tmp_path):
+    """``pretrain.train`` itself, with ``--parallel.*``: FSDP 4 (steps 1-3) -> HSDP 2x2 (4-6) ->
+    TP 2 x FSDP 2 (7-8) -> one process (9-10), through its checkpoints, against one
+    uninterrupted process: the data ranks, batch checks and token counts of the trainer."""
+    from train_helpers import assert_losses_close, losses, run_train
+
+    steps = ["--train.steps", "10", "--checkpoint.every", "100", "--eval.every", "0",
+             "--train.micro_batch_size", "2"]  # fmt: skip
+    run_train(tiny_dataset, tmp_path / "one", *steps)
+    run = tmp_path / "chain"
+    legs = [
+        (["--parallel.dp_shard", "4"], 3, 4),
+        (["--parallel.dp_replicate", "2", "--parallel.dp_shard", "2"], 6, 4),
+        (["--parallel.dp_shard", "2", "--parallel.tp", "2"], 8, 4),
+        ([], 10, 1),
+    ]
+    for i, (mesh, stop, nproc) in enumerate(legs):
+        resume = ["--checkpoint.resume", "auto"] if i else []
+        run_train(tiny_dataset, run, *steps, *mesh, *resume, "--train.stop_at", str(stop),
+                  nproc=nproc)  # fmt: skip
+    resumed = losses(run)
+    assert sorted(resumed) == list(range(1, 11))
+    assert_losses_close(losses(tmp_path / "one"), resumed, rtol=1e-5)
+
+
 def test_tensor_parallel_refuses_heads_it_cannot_split():
     from pretrain.config import ConfigError, ParallelConfig
     from pretrain.model import Transformer
