@@ -419,14 +419,20 @@ def _fsdp_worker(rank: int, world_size: int, store_path: str) -> None:
                 buf.full_tensor(), ref_opt.state[ref_model[0].weight]["momentum_buffer"],
                 rtol=0, atol=1e-6,
             )  # fmt: skip
-        # Column sharding (tensor parallel's Shard(1)) would need another split: refused.
+        # Column sharding (tensor parallel's Shard(1)) is gathered whole: a plain matrix's step.
         from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
 
         mesh = init_device_mesh("cpu", (world_size,))
-        w = nn.Parameter(distribute_tensor(torch.randn(8, 6), mesh, [Shard(1)]))
-        w.grad = distribute_tensor(torch.randn(8, 6), mesh, [Shard(1)])
-        with pytest.raises(NotImplementedError, match="Shard"):
-            Muon([w], backend="torch").step()
+        gen = torch.Generator().manual_seed(2)
+        full_w, full_g = torch.randn(8, 6, generator=gen), torch.randn(8, 6, generator=gen)
+        w = nn.Parameter(distribute_tensor(full_w.clone(), mesh, [Shard(1)], src_data_rank=None))
+        w.grad = distribute_tensor(full_g.clone(), mesh, [Shard(1)], src_data_rank=None)
+        ref = nn.Parameter(full_w.clone())
+        ref.grad = full_g.clone()
+        Muon([w], backend="torch").step()
+        Muon([ref], backend="torch").step()
+        assert (ref.detach() - full_w).abs().max() > 1e-3
+        torch.testing.assert_close(w.full_tensor(), ref.detach(), rtol=0, atol=1e-6)
     finally:
         dist.destroy_process_group()
 
