@@ -36,6 +36,7 @@ class ConfigError(UserError):
 Schedule = Literal["cosine", "linear", "wsd", "constant"]
 SCHEDULES: tuple[str, ...] = typing.get_args(Schedule)
 RopeScaling = Literal["none", "linear", "llama3"]
+HFFamily = Literal["auto", "llama", "mistral", "qwen2", "qwen3"]
 
 
 def _refuse(key: str, value: Any, allowed: str) -> None:
@@ -90,6 +91,9 @@ class ModelConfig:
     rope_low_freq_factor: float = 1.0  # llama3
     rope_high_freq_factor: float = 4.0  # llama3
     rope_original_max_seq_len: int = 0  # llama3: the context before scaling (required)
+    # The Hugging Face architecture an export is written as; auto: the one the options need
+    # (an imported checkpoint keeps its own, so a fine-tuned Mistral is exported as Mistral).
+    hf_family: HFFamily = "auto"
     doc_mask: bool = False  # packed sequences attend only within their own document
     zero_init_residual: bool = False  # o_proj and down_proj start at zero (the speedrun recipe)
 

@@ -1,8 +1,9 @@
-"""Freeze a training checkpoint into a Hugging Face Llama directory, and read one back safely.
+"""Freeze a training checkpoint into a Hugging Face directory, and read one back safely.
 
 ``pretrain export runs/NAME --out models/NAME`` keeps the model weights of a checkpoint (however
 many ranks wrote it) and writes the layout that transformers, and servers built on it, load as a
-``LlamaForCausalLM``::
+``LlamaForCausalLM`` (or the Mistral, Qwen2 or Qwen3 class, as :func:`pretrain.hf.export_family`
+picks from the model's options)::
 
     config.json                   architecture and shapes (LlamaConfig fields)
     generation_config.json        bos/eos/pad token ids
@@ -54,6 +55,7 @@ from pretrain.hf import (
     TOKENIZER_CONFIG,
     WEIGHTS,
     WEIGHTS_INDEX,
+    export_family,
     from_hf_names,
     generation_config,
     hf_config,
@@ -224,11 +226,29 @@ def _weight_files(export_dir: Path) -> list[str]:
     return sorted(set(weight_map.values()))
 
 
+def is_foreign_dir(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a Hugging Face directory written elsewhere (``save_pretrained``, the
+    hub): a ``config.json`` and weights but no ``checksums.sha256``, so nothing to verify against."""
+    return is_export_dir(path) and not (Path(path) / CHECKSUMS).exists()
+
+
 def verify_export(export_dir: str | os.PathLike) -> None:
-    """Check every file of an export against ``checksums.sha256``; name each bad or missing one."""
+    """Check every file of an export against ``checksums.sha256``; name each bad or missing one.
+
+    A foreign Hugging Face directory (:func:`is_foreign_dir`) has no checksums: it is accepted
+    with a note on stderr saying that its files are read unverified.
+    """
     export_dir = Path(export_dir)
     if not export_dir.is_dir():
         raise UserError(f"export not found: {export_dir}")
+    if is_foreign_dir(export_dir):
+        print(
+            f"{export_dir}: a Hugging Face directory without {CHECKSUMS}; its files are read "
+            "unverified",
+            file=sys.stderr,
+            flush=True,
+        )
+        return
     sums = _read_checksums(export_dir)
     problems = []
     for name in METADATA_FILES + (
@@ -294,6 +314,7 @@ def write_export(
     out = Path(out_dir)
     if dtype not in DTYPES:
         raise UserError(f"unknown export dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+    export_family(cfg)  # a combination of options no Hugging Face architecture has stops here
     torch_dtype = DTYPES[dtype]
     max_bytes = parse_size(max_shard_size) if isinstance(max_shard_size, str) else max_shard_size
     if not isinstance(tokenizer, (str, os.PathLike)):
@@ -396,10 +417,26 @@ def load_export(
         for k, v in expected.items()
         if k in tensors and tensors[k].shape != v.shape
     ]
+    if problems and cfg.head_dim_override:
+        problems.append(
+            f"{CONFIG} field 'head_dim' is {cfg.head_dim} (hidden_size / num_attention_heads is "
+            f"{cfg.d_model // cfg.n_heads})"
+        )
     if problems:
         raise UserError(f"export {export_dir} does not match its {CONFIG}: {'; '.join(problems)}")
-    tokenizer = load_tokenizer(export_dir / TOKENIZER)
+    tokenizer = load_tokenizer(tokenizer_file(export_dir))
     return cfg, from_hf_names(tensors, cfg.tie_embeddings), tokenizer
+
+
+def tokenizer_file(model_dir: str | os.PathLike) -> Path:
+    """The ``tokenizer.json`` of an export or Hugging Face directory; missing, a UserError."""
+    path = Path(model_dir) / TOKENIZER
+    if not path.is_file():
+        raise UserError(
+            f"{model_dir} has no {TOKENIZER}: the model's tokenizer must sit beside its weights "
+            "(in transformers: AutoTokenizer.from_pretrained(...).save_pretrained(DIR))"
+        )
+    return path
 
 
 def load_model(
@@ -539,6 +576,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     _check_out_dir(out, args.overwrite)
     parse_size(args.max_shard_size)
+    export_family(read_checkpoint_config(step_dir))  # before reading any weights
     print(f"reading {step_dir}", flush=True)
     if args.lora_only or lora.is_adapter_checkpoint(step_dir):
         if args.lora_only:

@@ -46,7 +46,8 @@ from pretrain.config import (
     parse_overrides,
 )
 from pretrain.errors import UserError
-from pretrain.hf import CONFIG, TOKENIZER, TOKENIZER_CONFIG, read_export_config
+from pretrain.export import tokenizer_file
+from pretrain.hf import CONFIG, TOKENIZER_CONFIG, read_export_config
 from pretrain.parallel import DistInfo
 from pretrain.sft import (
     ChatTemplate,
@@ -87,14 +88,15 @@ class InitSource:
 
 
 def read_init(path: str | os.PathLike) -> InitSource:
-    """Read the shape, tokenizer and chat template of a checkpoint or export directory."""
+    """Read the shape, tokenizer and chat template of a checkpoint, an export or a Hugging Face
+    directory (Llama, Mistral, Qwen2, Qwen3: see :mod:`pretrain.hf`)."""
     p = Path(path)
     if not p.exists():
         raise UserError(f"--init-from {p} does not exist: give a checkpoint, a run or an export")
     if (p / CONFIG).is_file():
         tok_config = p / TOKENIZER_CONFIG
         template = (tok_config.is_file() and read_chat_template(tok_config)) or CHAT_TEMPLATE
-        return InitSource(p, "export", read_export_config(p), p / TOKENIZER, template)
+        return InitSource(p, "export", read_export_config(p), tokenizer_file(p), template)
     step_dir = find_checkpoint(p)
     config_path = step_dir / "config.toml"
     if not config_path.is_file():

@@ -9,20 +9,39 @@ checked against the transformers module that has them.
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
 import os
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
+from finetune_helpers import make_tokenizer
 
 from pretrain.config import ConfigError, ModelConfig
+from pretrain.errors import UserError
+from pretrain.export import load_model, save_export
+from pretrain.generate import generate
+from pretrain.hf import model_config_from_hf
 from pretrain.model import Transformer, fuse_projections
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
 
-VOCAB = 384
+VOCAB = 400  # the size of finetune_helpers' tokenizer
 TOL = 1e-4
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matrices: more threads only add synchronisation on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def random_tokens(n: int = 2, length: int = 24, seed: int = 0) -> torch.Tensor:
@@ -101,3 +120,246 @@ def test_architecture_options_are_validated_in_one_line():
         with pytest.raises(ConfigError, match=named):
             ModelConfig(**overrides).validate()
     ModelConfig(d_model=60, n_heads=8, head_dim_override=16).validate()  # need not divide
+
+
+# --------------------------------------------------------------------------- the families
+
+SHAPE = dict(
+    vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-6,
+    bos_token_id=0, eos_token_id=0, initializer_range=0.1,
+)  # fmt: skip
+LLAMA3 = {
+    "rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0, "original_max_position_embeddings": 32,
+}  # fmt: skip
+FAMILIES = {  # name: (transformers class name, config fields beyond SHAPE)
+    "llama": ("Llama", {"rope_parameters": {"rope_type": "default", "rope_theta": 5e5}}),
+    "llama-linear": (
+        "Llama",
+        {"rope_parameters": {"rope_type": "linear", "rope_theta": 1e4, "factor": 2.0}},
+    ),
+    "llama3": ("Llama", {"rope_parameters": LLAMA3, "tie_word_embeddings": True}),
+    "mistral": ("Mistral", {"sliding_window": None, "head_dim": 32}),
+    "qwen2": ("Qwen2", {}),
+    "qwen3": ("Qwen3", {"head_dim": 24}),
+}
+DEFAULT_SUITE = ("llama3", "qwen2", "qwen3")  # every family of the rest is a slow case
+
+
+def family_params(names=FAMILIES):
+    return [pytest.param(n, marks=() if n in DEFAULT_SUITE else pytest.mark.slow) for n in names]
+
+
+def make_hf_model(name: str):
+    """A tiny transformers model of the family, with random norm gains and biases (a missing
+    norm or bias cannot pass), seeded per family."""
+    import transformers
+
+    prefix, extra = FAMILIES[name]
+    config = getattr(transformers, f"{prefix}Config")(**SHAPE, **extra)
+    torch.manual_seed(len(name))
+    model = getattr(transformers, f"{prefix}ForCausalLM")(config).eval()
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if pname.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+            elif pname.endswith(".bias"):
+                p.normal_(0.0, 0.5)
+    return model
+
+
+def as_transformers_4(config: dict) -> dict:
+    """The same config as transformers 4.x wrote it: rope_theta and rope_scaling at the top
+    (with the old ``type`` key for linear), torch_dtype for dtype."""
+    config = dict(config)
+    rope = dict(config.pop("rope_parameters"))
+    config["rope_theta"] = rope.pop("rope_theta")
+    kind = rope.pop("rope_type")
+    if kind != "default":
+        config["rope_scaling"] = {"type" if kind == "linear" else "rope_type": kind, **rope}
+    config["torch_dtype"] = config.pop("dtype", None) or "float32"
+    config["transformers_version"] = "4.46.0"
+    return config
+
+
+@pytest.fixture(scope="module")
+def tokenizer_path(tmp_path_factory) -> Path:
+    return make_tokenizer(tmp_path_factory.mktemp("hf-tok") / "tokenizer.json")
+
+
+@pytest.fixture(scope="module")
+def hf_dirs(tmp_path_factory, tokenizer_path):
+    """``get(family, style)``: the family's model and its directory saved by transformers 5
+    (``"5"``) or rewritten as transformers 4 wrote it (``"4"``); each made once."""
+    base = tmp_path_factory.mktemp("hf-families")
+    made: dict = {}
+
+    def get(name: str, style: str = "5"):
+        if name not in made:
+            model = make_hf_model(name)
+            out = base / f"{name}-5"
+            model.save_pretrained(out)
+            shutil.copy(tokenizer_path, out / "tokenizer.json")
+            old = base / f"{name}-4"
+            shutil.copytree(out, old)
+            config = json.loads((old / "config.json").read_text())
+            (old / "config.json").write_text(json.dumps(as_transformers_4(config), indent=2))
+            made[name] = (model, {"5": out, "4": old})
+        model, dirs = made[name]
+        return model, dirs[style]
+
+    return get
+
+
+@torch.no_grad()
+def transformers_greedy(hf_model, prompt: list[int], n: int) -> list[int]:
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(
+        do_sample=False, max_new_tokens=n, eos_token_id=None, pad_token_id=None, bos_token_id=None
+    )
+    out = hf_model.generate(torch.tensor([prompt]), generation_config=config)
+    return out[0, len(prompt) :].tolist()
+
+
+def quiet_load(path: Path, **kw) -> Transformer:
+    with contextlib.redirect_stderr(io.StringIO()):
+        return load_model(path, **kw)
+
+
+@pytest.mark.parametrize("style", ["5", "4"])
+@pytest.mark.parametrize("name", family_params())
+def test_a_transformers_checkpoint_gives_our_model_its_logits_and_greedy_tokens(
+    hf_dirs, name, style
+):
+    hf_model, path = hf_dirs(name, style)
+    ours = quiet_load(path)
+    assert ours.config.hf_family == ("mistral" if name == "mistral" else "auto")
+    tokens = random_tokens(2, 100 if name == "llama3" else 24)  # llama3: beyond 32 positions
+    assert max_logit_diff(ours, hf_model, tokens) <= TOL
+    prompt = random_tokens(1, 5, seed=1)[0].tolist()
+    assert generate(ours, prompt, max_tokens=32) == transformers_greedy(hf_model, prompt, 32)
+
+
+def test_llama3_scaling_matters_beyond_the_original_context(hf_dirs):
+    hf_model, path = hf_dirs("llama3")
+    ours = quiet_load(path)
+    plain = Transformer(ModelConfig(**{**ours.config.__dict__, "rope_scaling": "none",
+                                       "rope_factor": 1.0}))  # fmt: skip
+    plain.load_state_dict(ours.state_dict())
+    tokens = random_tokens(1, 100)
+    with torch.no_grad():
+        want = hf_model(tokens).logits
+        scaled, unscaled = ours(tokens), plain.eval()(tokens)
+    assert (scaled - want).abs().max() <= TOL
+    assert (unscaled - want)[:, 40:].abs().max() > 1e-2  # far positions need the scaling
+
+
+@pytest.mark.parametrize("name", family_params())
+def test_an_export_loads_in_transformers_as_the_same_family_with_our_logits(
+    hf_dirs, name, tmp_path
+):
+    from transformers import AutoModelForCausalLM
+
+    hf_model, path = hf_dirs(name, "4")
+    ours = quiet_load(path)
+    out = save_export(ours, path / "tokenizer.json", tmp_path / "export")
+    back = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert type(back).__name__ == type(hf_model).__name__
+    assert back.config.model_type == hf_model.config.model_type
+    tokens = random_tokens(2, 100 if name == "llama3" else 24)
+    assert max_logit_diff(ours, back, tokens) <= TOL
+    assert load_model(out).config == ours.config  # and back to us: checksums verified
+
+
+def test_sharded_bf16_checkpoint_with_an_index(hf_dirs, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    hf_model, _ = hf_dirs("qwen3")
+    out = tmp_path / "sharded"
+    hf_model.to(torch.bfloat16).save_pretrained(out, max_shard_size="60KB")
+    hf_model.float()
+    shutil.copy(hf_dirs("qwen3")[1] / "tokenizer.json", out)
+    assert (out / "model.safetensors.index.json").is_file()
+    assert len(list(out.glob("model-*.safetensors"))) > 1
+    assert next(quiet_load(out).parameters()).dtype == torch.bfloat16
+    ours = quiet_load(out, dtype=torch.float32)
+    reference = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert max_logit_diff(ours, reference, random_tokens()) <= TOL
+
+
+def test_a_directory_without_tokenizer_is_a_clear_error(hf_dirs, tmp_path):
+    _, path = hf_dirs("qwen3")
+    bare = tmp_path / "bare"
+    shutil.copytree(path, bare)
+    (bare / "tokenizer.json").unlink()
+    with pytest.raises(UserError, match=r"bare has no tokenizer\.json"):
+        quiet_load(bare)
+    from pretrain.finetune import read_init
+
+    with pytest.raises(UserError, match=r"bare has no tokenizer\.json"):
+        read_init(bare)
+
+
+# --------------------------------------------------------------------------- refusals
+
+
+def _edit(config: dict, **changes) -> dict:
+    return {**config, **changes}
+
+
+REFUSED = {  # family: [(config change, the field named)]
+    "llama": [
+        (dict(attention_bias=True), "attention_bias"),
+        (dict(mlp_bias=True), "mlp_bias"),
+        (dict(hidden_act="gelu"), "hidden_act"),
+        (dict(partial_rotary_factor=0.5), "partial_rotary_factor"),
+        (dict(rope_parameters={"rope_type": "dynamic", "rope_theta": 1e4, "factor": 2.0}),
+         "rope_parameters.rope_type"),
+        (dict(rope_parameters={"rope_type": "default", "rope_theta": 1e4,
+                               "partial_rotary_factor": 0.5}),
+         "rope_parameters.partial_rotary_factor"),
+        (dict(rope_parameters={"rope_type": "linear", "rope_theta": 1e4}),
+         "rope_parameters.factor"),
+        (dict(rope_parameters=None), "rope_theta"),
+        (dict(rope_theta=1.0), "rope_theta"),
+        (dict(attention_dropout=0.1), "attention_dropout"),
+        (dict(quantization_config={"quant_method": "bitsandbytes"}), "quantization_config"),
+        (dict(architectures=["MistralForCausalLM"]), "model_type"),
+        (dict(architectures=["GemmaForCausalLM"]), "architectures"),
+    ],
+    "mistral": [(dict(sliding_window=64), "sliding_window")],
+    "qwen2": [
+        (dict(use_sliding_window=True, sliding_window=64, max_window_layers=0, layer_types=None),
+         "use_sliding_window"),
+        (dict(layer_types=["full_attention", "sliding_attention"], sliding_window=64,
+              use_sliding_window=True),
+         "use_sliding_window"),
+    ],
+    "qwen3": [(dict(attention_bias=True), "attention_bias")],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(REFUSED))
+def test_a_field_we_do_not_implement_is_refused_by_its_name(hf_dirs, name):
+    _, path = hf_dirs(name)
+    config = json.loads((path / "config.json").read_text())
+    model_config_from_hf(config)  # as saved: accepted
+    for change, field in REFUSED[name]:
+        with pytest.raises(UserError, match=f"field '{field}'"):
+            model_config_from_hf(_edit(config, **change))
+    if name == "mistral":  # a window as long as the context is full attention
+        model_config_from_hf(_edit(config, sliding_window=128))
+
+
+def test_an_option_without_a_transformers_architecture_is_refused_by_export(tmp_path):
+    cfg = ModelConfig(vocab_size=VOCAB, n_layers=1, d_model=32, n_heads=2, n_kv_heads=1,
+                      qk_norm=True, attention_bias=True)  # fmt: skip
+    with pytest.raises(UserError, match=r"^model\.qk_norm with model\.attention_bias has no"):
+        save_export(Transformer(cfg), make_tokenizer(tmp_path / "t.json"), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    plain = ModelConfig(**{**cfg.__dict__, "qk_norm": False, "attention_bias": False,
+                           "hf_family": "qwen3"})  # fmt: skip
+    with pytest.raises(UserError, match=r"model\.hf_family='qwen3' needs model\.qk_norm"):
+        save_export(Transformer(plain), tmp_path / "t.json", tmp_path / "out")
