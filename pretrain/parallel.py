@@ -45,6 +45,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+import kernels.attention  # noqa: F401  (registers the kernels:: attention ops SAC keeps)
+import kernels.attention_hopper  # noqa: F401
 from pretrain import devices
 from pretrain.config import ConfigError, ModelConfig, ParallelConfig
 from pretrain.errors import UserError
@@ -268,8 +270,6 @@ def _selective_policy(ctx, op, *args, **kwargs):
 def _saved_ops() -> frozenset:
     """The ops whose outputs selective checkpointing keeps: matmuls, aten's SDPA variants and the
     attention forwards of ``kernels`` (custom ops, so the policy sees them like aten ops)."""
-    import kernels  # noqa: F401  (registers the kernels:: ops)
-
     aten = torch.ops.aten
     names = (
         "mm", "addmm", "bmm", "_scaled_dot_product_efficient_attention",
@@ -277,10 +277,8 @@ def _saved_ops() -> frozenset:
         "_scaled_dot_product_cudnn_attention",
     )  # fmt: skip
     ops = {getattr(aten, n).default for n in names if hasattr(aten, n)}
-    import kernels.attention_hopper  # noqa: F401  (registers its forward op)
-
     ours = ("flash_attention_forward", "flash_attention_hopper_forward")
-    ops |= {getattr(torch.ops.kernels, n).default for n in ours}
+    ops |= {getattr(torch.ops.kernels, n).default for n in ours if hasattr(torch.ops.kernels, n)}
     return frozenset(ops)
 
 
