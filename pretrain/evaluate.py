@@ -137,13 +137,14 @@ def score_spans(
         for row, i in enumerate(batch):
             ids = spans[i].ids[:-1]
             inputs[row, : len(ids)] = torch.tensor(ids)
-        logprobs = torch.log_softmax(model(inputs.to(device)), dim=-1)
+        logits = model(inputs.to(device))
         for row, i in enumerate(batch):
             span = spans[i]
             end = len(span.ids) - 1
+            # Only the scored positions are normalized: a choice is a few of a row's positions.
+            logprobs = torch.log_softmax(logits[row, end - span.n_scored : end], dim=-1)
             targets = torch.tensor(span.ids[end - span.n_scored + 1 :], device=device)
-            picked = logprobs[row, end - span.n_scored : end].gather(-1, targets[:, None])
-            totals[i] = float(picked.double().sum())
+            totals[i] = float(logprobs.gather(-1, targets[:, None]).double().sum())
     return totals
 
 
