@@ -58,7 +58,7 @@ from pretrain.config import (
     save_config,
     validate_config,
 )
-from pretrain.data import TokenLoader, VerifiedShards, load_manifest
+from pretrain.data import Batch, TokenLoader, VerifiedShards, load_manifest
 from pretrain.errors import UserError
 from pretrain.export import DTYPES, init_from
 from pretrain.initialize import materialize
@@ -88,6 +88,16 @@ from pretrain.parallel import (
     resolve_device,
     set_gradient_sync,
 )
+from pretrain.plan import (
+    dry_run_world_size,
+    fake_process_group,
+    fake_tensors,
+    gpu_param_dtype,
+    materialize_fake,
+    optimizer_state_bytes,
+    sharded_meta_model,
+    tensor_bytes,
+)
 
 ACCEPTS_OVERRIDES = True
 
@@ -105,7 +115,7 @@ class Loader(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
-LoaderFactory = Callable[[int, int], Loader]  # (rank, world_size) -> that rank's loader
+LoaderFactory = Callable[[int, int], Loader]  # (data-parallel rank, size) -> its loader
 
 
 @dataclass
@@ -595,6 +605,8 @@ def train(config: Config, out_dir: str | Path, data: TrainData | None = None) ->
     ``data`` is the run's data source (None: the prepared data at ``data.path``). The kernel
     backend ``train.kernels`` holds for the run and the previous one is back afterwards.
     """
+    if config.train.dry_run:
+        return dry_run(config, Path(out_dir))
     device_type = resolve_device(config.train.device)
     if config.train.kernels == "triton" and device_type == "cpu":
         if os.environ.get("TRITON_INTERPRET") != "1":
@@ -610,6 +622,69 @@ def train(config: Config, out_dir: str | Path, data: TrainData | None = None) ->
             return _train(config, Path(out_dir), dist_info, data, accum)
     finally:
         destroy_distributed()
+
+
+def dry_run(config: Config, out_dir: Path) -> TrainResult:
+    """``--train.dry_run``: one optimizer step of this run on fake tensors, then exit.
+
+    This process is rank 0 of a fake process group of ``WORLD_SIZE`` ranks (see
+    :func:`pretrain.plan.dry_run_world_size`): the config is checked for that world, the model
+    is built on the meta device and parallelized as the trainer parallelizes it, its shards get
+    fake storage (shapes, no memory), and the step runs this module's micro-batch loop (the
+    first micro-batch without gradient reduction when the step accumulates, the last with it)
+    and the optimizer's update. Every shape, placement and collective of a real step runs, so a
+    256-rank 70B mesh is checked on a laptop. Fake tensors have no values: the scalar reads
+    (token count, loss, gradient norm), the initial weights and the data are left out, and
+    nothing is written to ``out_dir``.
+    """
+    world = dry_run_world_size(config)
+    accum = check_config(config, world)
+    t, seq = config.train, config.data.seq_len
+    start = time.perf_counter()
+    with fake_process_group(world) as dist_info:
+        mesh = config.parallel.mesh_shape(world)
+        model = sharded_meta_model(config, dist_info)
+        n_params = sum(p.numel() for p in model.parameters())
+        with fake_tensors():
+            materialize_fake(model).train()
+            optimizer = build_optimizer(model, config, dist_info.device)
+            n_micro = min(accum, 2)
+            ids = torch.zeros(n_micro * t.micro_batch_size, seq, dtype=torch.long)
+            batch = Batch(inputs=ids, targets=ids, doc_ids=None)
+            autocast = _autocast_factory(gpu_param_dtype(config), dist_info)
+            losses = _micro_batch_losses(
+                model, batch, t.micro_batch_size, dist_info.device, autocast
+            )
+            for i, loss in enumerate(losses):
+                set_gradient_sync(model, i == n_micro - 1)
+                (loss / (t.global_batch_size * seq)).backward()
+            set_lr(optimizer, lr_at(0, t))
+            optimizer.step()
+            params = tensor_bytes(model.parameters())
+            grads = tensor_bytes(p.grad for p in model.parameters() if p.grad is not None)
+            states = optimizer_state_bytes(optimizer)
+            optimizer.zero_grad(set_to_none=True)
+    gib = 2**30
+    print(
+        f"dry run: rank 0 of {world} (mesh dp_replicate={mesh[0]} x dp_shard={mesh[1]} x "
+        f"tp={mesh[2]}), {n_params / 1e9:.2f}B parameters\n"
+        f"  rank 0 holds parameters {params / gib:.2f} GiB, gradients {grads / gib:.2f} GiB, "
+        f"{config.optimizer.name} states {states / gib:.2f} GiB\n"
+        f"  ran {n_micro} of {accum} micro-batches of {t.micro_batch_size} x {seq} tokens "
+        f"(forward, backward, gradient reduction on the last), the optimizer step: ok\n"
+        "  not run: the values (token count, loss, gradient norm), initial weights, data, "
+        "torch.compile, the Triton kernels\n"
+        f"  done in {time.perf_counter() - start:.1f} s"
+    )
+    return TrainResult(
+        out_dir=out_dir,
+        step=1,
+        loss=None,
+        val_loss=None,
+        val_bpb=None,
+        checkpoint=None,
+        state="dry_run",
+    )
 
 
 class Stateful(Protocol):
