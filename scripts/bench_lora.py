@@ -118,6 +118,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--base", default=None, help="a checkpoint or export to fine-tune")
     p.add_argument("--data", default="data/stdlib", help="corpus for pretraining the base")
     p.add_argument("--pretrain-steps", type=int, default=100)
+    p.add_argument(
+        "--pretrain-set", action="append", default=[], metavar="KEY=VALUE",
+        help="a pretraining override, e.g. train.global_batch_size=8 (repeatable)",
+    )  # fmt: skip
     p.add_argument("--rows", type=int, default=2000)
     p.add_argument("--eval-rows", type=int, default=100)
     p.add_argument("--rank", type=int, default=8)
@@ -135,7 +139,8 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"==> pretraining configs/tiny.toml for {args.pretrain_steps} steps", flush=True)
             pretrain_cli("train", "--config", "configs/tiny.toml", "--data", args.data,
                          "--out", str(base), "--train.steps", str(args.pretrain_steps),
-                         "--eval.every", "0", quiet=True)  # fmt: skip
+                         "--eval.every", "0", *(f"--{kv}" for kv in args.pretrain_set),
+                         quiet=True)  # fmt: skip
     model_cfg = read_init(base).model
     train_rows = toy_rows(args.rows, seed=1)
     held_out = toy_rows(args.eval_rows, seed=2, exclude={r["prompt"] for r in train_rows})
