@@ -17,7 +17,7 @@ from pretrain.chat import ChatTemplate, load_chat_template
 from pretrain.devices import resolve_device
 from pretrain.errors import UserError
 from pretrain.export import DTYPES, load_model
-from pretrain.hf import GENERATION_CONFIG, TOKENIZER, TOKENIZER_CONFIG, read_json
+from pretrain.hf import CONFIG, GENERATION_CONFIG, TOKENIZER, TOKENIZER_CONFIG, read_json
 from pretrain.model import Transformer
 from pretrain.tokenizer import load_tokenizer
 
@@ -56,10 +56,11 @@ def load_for_inference(
     path = Path(path)
     dev = resolve_device(device)
     model = load_model(path, device=dev, dtype=torch_dtype(dtype, dev))
+    tok_config = path / TOKENIZER_CONFIG  # a Hugging Face directory may come without one
     return LoadedModel(
         model=model,
         tokenizer=load_tokenizer(path / TOKENIZER),
-        chat_template=load_chat_template(path / TOKENIZER_CONFIG),
+        chat_template=load_chat_template(tok_config) if tok_config.is_file() else None,
         eos_ids=stop_token_ids(path),
         name=path.name,
     )
@@ -77,8 +78,11 @@ def torch_dtype(name: str | None, device: torch.device) -> torch.dtype | None:
 
 
 def stop_token_ids(export_dir: str | Path) -> list[int]:
-    """The end tokens of an export's ``generation_config.json`` (one id or a list)."""
+    """The end tokens of an export's ``generation_config.json`` (one id or a list), or of its
+    ``config.json`` in a Hugging Face directory saved without the first."""
     path = Path(export_dir) / GENERATION_CONFIG
+    if not path.is_file() and (Path(export_dir) / CONFIG).is_file():
+        path = Path(export_dir) / CONFIG
     eos = read_json(path).get("eos_token_id")
     ids = eos if isinstance(eos, list) else [eos]
     if not ids or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
