@@ -275,6 +275,31 @@ def test_an_export_loads_in_transformers_as_the_same_family_with_our_logits(
     assert load_model(out).config == ours.config  # and back to us: checksums verified
 
 
+NATIVE = {  # options of a model trained here -> the class transformers loads its export as
+    "Qwen3ForCausalLM": dict(qk_norm=True, head_dim_override=24),
+    "Qwen2ForCausalLM": dict(attention_bias=True),
+    "LlamaForCausalLM": dict(head_dim_override=8, rope_scaling="linear", rope_factor=4.0),
+}
+
+
+@pytest.mark.parametrize("arch", list(NATIVE))
+def test_a_model_trained_here_exports_as_the_family_its_options_need(arch, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    cfg = ModelConfig(vocab_size=VOCAB, n_layers=2, d_model=64, n_heads=4, n_kv_heads=2,
+                      max_seq_len=64, init_std=0.1, **NATIVE[arch])  # fmt: skip
+    torch.manual_seed(0)
+    ours = Transformer(cfg).eval()
+    with torch.no_grad():  # gains and biases away from their initial values
+        for p in ours.parameters():
+            if p.dim() == 1:
+                p.uniform_(0.5, 1.5)
+    out = save_export(ours, make_tokenizer(tmp_path / "tok.json"), tmp_path / "export")
+    back = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert type(back).__name__ == arch
+    assert max_logit_diff(ours, back, random_tokens(2, 60)) <= TOL
+
+
 def test_sharded_bf16_checkpoint_with_an_index(hf_dirs, tmp_path):
     from transformers import AutoModelForCausalLM
 
