@@ -417,6 +417,37 @@ def test_fine_tuned_from_a_transformers_checkpoint_and_exported_as_the_same_fami
     assert max_logit_diff(tuned, hf_model, random_tokens()) > 1e-3  # 20 steps moved the weights
 
 
+@pytest.mark.slow
+def test_continued_pretraining_starts_from_a_transformers_checkpoint(tiny_dataset, tmp_path):
+    """``pretrain train --checkpoint.init_from HF_DIR``: step 0's weights are the directory's."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from pretrain.checkpoint import read_model_weights
+    from pretrain.export import resolve_checkpoint
+
+    torch.manual_seed(0)
+    shape = {**SHAPE, "vocab_size": 512, "head_dim": 24}
+    hf_model = Qwen3ForCausalLM(Qwen3Config(**shape)).eval()
+    path = tmp_path / "qwen3"
+    hf_model.save_pretrained(path)
+    shutil.copy(tiny_dataset / "tokenizer.json", path)
+    model_keys = {"vocab_size": 512, "n_layers": 2, "d_model": 64, "n_heads": 4, "n_kv_heads": 2,
+                  "ffn_hidden": 96, "max_seq_len": 128, "norm_eps": 1e-6, "qk_norm": "true",
+                  "head_dim_override": 24}  # fmt: skip
+    args = ["train", "--data", str(tiny_dataset), "--out", str(tmp_path / "run"),
+            "--checkpoint.init_from", str(path), "--train.steps", "2", "--train.lr", "1e-9",
+            "--train.warmup_steps", "0", "--train.global_batch_size", "2",
+            "--train.micro_batch_size", "2", "--data.seq_len", "32", "--eval.every", "0",
+            "--train.device", "cpu"]  # fmt: skip
+    args += [a for k, v in model_keys.items() for a in (f"--model.{k}", str(v))]
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        assert cli.main(args) == 0
+    _, weights = read_model_weights(resolve_checkpoint(tmp_path / "run"))
+    start = {k.removeprefix("model."): v for k, v in hf_model.state_dict().items()}
+    for name, tensor in start.items():  # a learning rate of 1e-9: still the init's weights
+        torch.testing.assert_close(weights[name], tensor, atol=1e-6, rtol=0)
+
+
 @pytest.mark.parametrize("name", ["qwen3", "qwen2"])
 def test_the_server_engine_decodes_qk_norm_and_biases_as_generate_does(hf_dirs, name):
     from pretrain.inference import load_for_inference
