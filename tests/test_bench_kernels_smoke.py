@@ -114,5 +114,10 @@ def test_gpu_correctness_smoke_checks_every_op(tmp_path):
         "rope",
         "linear_cross_entropy",
         "adamw",
+        "add_rms_norm",
+        "rope bthd",
+        "adamw clipped",
+        "newton_schulz",
+        "muon",
     }
     assert report["ok"] and all(c["err_ours"] <= c["limit"] for c in report["checks"])
