@@ -6,7 +6,8 @@
 # The agent runs under pretrain.launch, so a signal sent to the agent itself also reaches the
 # workers (they save the same way); the agent then exits 128 + the signal, without a traceback. A signal that comes before the workers exist is delivered once they do. A SIGKILL
 # cannot be passed on: to kill a run outright, kill the agent's session (its pid is the
-# session id) rather than only this script.
+# session id) rather than only this script. Workers that torchrun restarted (--max-restarts) are
+# the agent's children too, so a signal after a restart reaches them the same way.
 
 run_torchrun() {
   # Its own session, so that Ctrl-C at a terminal reaches this script only (torchrun would
