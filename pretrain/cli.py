@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("pretrain.generate", "print a continuation of a prompt from an export"),
     "eval": ("pretrain.evaluate", "perplexity and multiple-choice accuracy on local task files"),
     "plot": ("pretrain.plot", "plot loss curves and throughput of a run"),
+    "plan": ("pretrain.plan", "per-GPU memory, collectives and FLOPs of a config on N GPUs"),
 }
 
 

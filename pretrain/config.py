@@ -203,6 +203,8 @@ class TrainConfig:
     diverge_grad_factor: float = 1000.0  # grad norm above this x its running mean; 0: off
     # stop (with a checkpoint) after this step; the schedule still spans train.steps
     stop_at: int = 0
+    # run one step on fake tensors under a fake process group of WORLD_SIZE ranks, then exit
+    dry_run: bool = False
     # stop (with an evaluation and a checkpoint) once the training steps have used this many
     # CPU seconds of this process (time.process_time, evaluations excluded); 0: off
     cpu_budget_s: float = 0.0

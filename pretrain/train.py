@@ -93,6 +93,7 @@ from pretrain.plan import (
     fake_process_group,
     fake_tensors,
     gpu_param_dtype,
+    human_bytes,
     materialize_fake,
     optimizer_state_bytes,
     sharded_meta_model,
@@ -664,12 +665,11 @@ def dry_run(config: Config, out_dir: Path) -> TrainResult:
             grads = tensor_bytes(p.grad for p in model.parameters() if p.grad is not None)
             states = optimizer_state_bytes(optimizer)
             optimizer.zero_grad(set_to_none=True)
-    gib = 2**30
     print(
         f"dry run: rank 0 of {world} (mesh dp_replicate={mesh[0]} x dp_shard={mesh[1]} x "
-        f"tp={mesh[2]}), {n_params / 1e9:.2f}B parameters\n"
-        f"  rank 0 holds parameters {params / gib:.2f} GiB, gradients {grads / gib:.2f} GiB, "
-        f"{config.optimizer.name} states {states / gib:.2f} GiB\n"
+        f"tp={mesh[2]}), {n_params:,} parameters\n"
+        f"  rank 0 holds parameters {human_bytes(params)}, gradients {human_bytes(grads)}, "
+        f"{config.optimizer.name} states {human_bytes(states)} ({states} bytes)\n"
         f"  ran {n_micro} of {accum} micro-batches of {t.micro_batch_size} x {seq} tokens "
         f"(forward, backward, gradient reduction on the last), the optimizer step: ok\n"
         "  not run: the values (token count, loss, gradient norm), initial weights, data, "

@@ -35,7 +35,7 @@ LAYERS: list[tuple[tuple[str, ...], bool]] = [  # (modules, peers)
     (("hf",), False),  # the Hugging Face layout: names, config.json
     (("export",), False),  # export directories: write, verify, load
     (("inference",), False),  # an export loaded for generation and serving
-    (("metrics", "plot", "sft"), False),  # run logs and plots; the SFT data and loader
+    (("metrics", "plot", "sft", "plan"), False),  # run logs and plots; SFT data; the scale plan
     (("train",), False),  # the training loop
     (("finetune", "generate", "serve", "evaluate"), True),  # the commands on training, inference
     (("cli", "launch"), False),  # the command line and the torchrun launcher
