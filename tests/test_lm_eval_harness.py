@@ -97,9 +97,12 @@ def test_lm_eval_local_completions_equals_pretrain_eval(tmp_path):
 
     ours = evaluate_choices(load_eval_model(export, "cpu"), data)
     assert len(samples) == len(ROWS)
+    worst = 0.0
     for sample, row in zip(samples, ours.per_row):
         theirs = [float(resp[0][0]) for resp in sample["resps"]]
-        assert theirs == pytest.approx(row["loglikelihoods"], abs=1e-3), sample["doc"]
+        assert theirs == pytest.approx(row["loglikelihoods"], abs=1e-4), sample["doc"]
+        worst = max(worst, *(abs(a - b) for a, b in zip(theirs, row["loglikelihoods"])))
+    print(f"largest |lm-eval - pretrain eval| log-likelihood: {worst:.2e}")
     assert results["acc,none"] == pytest.approx(ours.acc, abs=1e-12)
     assert results["acc_norm,none"] == pytest.approx(ours.acc_norm, abs=1e-12)
     print(textwrap.shorten(json.dumps(results), 300))
