@@ -4,8 +4,9 @@ resumes at the next (FSDP 4 -> HSDP 2x2 -> TP 2 x FSDP 2 -> 1 process) with the 
 
 One torchrun launch runs every mesh in sequence (this file is also the worker: ``python -m
 torch.distributed.run ... tests/test_mesh.py OUT``); the one-process references run in the test
-process. The batches are fixed random tokens, the same global batch on every layout, each
-data-parallel rank taking its rows.
+process. Every layout builds the model on the meta device and initializes its shards
+(``pretrain.initialize.materialize``), and must start from the one-process weights bitwise. The
+batches are fixed, the same global batch on every layout, each data-parallel rank taking its rows.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ MESHES = {  # name: (dp_replicate, dp_shard, tp, optimizer)
     "hsdp2x2_muon": (2, 2, 1, "muon"),
     "tp2_fsdp2_muon": (1, 2, 2, "muon"),
 }
-DEFAULT_MESHES = ["hsdp2x2", "tp2_fsdp2"]  # one launch in the default suite; the rest are slow
+DEFAULT_MESHES = ["tp2_fsdp2"]  # one launch in the default suite; the rest are slow
 SLOW_MESHES = [name for name in MESHES if name not in DEFAULT_MESHES]
 RESUME_CHAIN = [("fsdp4", 0, 3), ("hsdp2x2", 3, 6), ("tp2_fsdp2", 6, 8)]  # then 1 process: 8-10
 
@@ -44,7 +45,7 @@ def _config(optimizer: str = "adamw"):
     m.max_seq_len = SEQ
     config.data.seq_len = SEQ
     t = config.train
-    t.steps, t.warmup_steps, t.lr, t.grad_clip = STEPS, 2, 1e-2, 1.0
+    t.steps, t.warmup_steps, t.lr, t.grad_clip = STEPS, 2, 3e-3, 1.0
     t.global_batch_size, t.micro_batch_size = GLOBAL_BATCH, MICRO_BATCH
     config.optimizer.name = optimizer
     return config
@@ -76,11 +77,16 @@ def _optimizer(model, config):
 
 
 def _build(config, dist_info, parallel):
+    """The trainer's way: built on the meta device, parallelized, then each rank's shards
+    initialized (the same weights on every mesh)."""
+    from pretrain.initialize import materialize
     from pretrain.model import Transformer
     from pretrain.parallel import parallelize
 
-    torch.manual_seed(0)  # every rank builds the same full model; each keeps its own slice
-    model = parallelize(Transformer(config.model), dist_info, parallel)
+    with torch.device("meta"):
+        model = Transformer(config.model)
+    model = parallelize(model, dist_info, parallel)
+    materialize(model, dist_info.device, seed=0)
     return model, _optimizer(model, config)
 
 
@@ -209,29 +215,39 @@ def slow_runs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference_losses():
-    """One plain process: the uninterrupted run of each optimizer."""
+    """One plain process: the uninterrupted run of an optimizer (run once, when first asked)."""
     from pretrain.config import ParallelConfig
 
-    out = {}
-    for opt in ("adamw", "muon"):
-        config = _config(opt)
-        model, optimizer = _build(config, _one_process(), ParallelConfig())
-        out[opt] = _train(model, optimizer, config, _one_process(), ParallelConfig(), range(STEPS))
-    return out
+    runs: dict[str, dict] = {}
+
+    def losses(opt: str) -> dict:
+        if opt not in runs:
+            config = _config(opt)
+            model, optimizer = _build(config, _one_process(), ParallelConfig())
+            one = _one_process()
+            runs[opt] = _train(model, optimizer, config, one, ParallelConfig(), range(STEPS))
+        return runs[opt]
+
+    return losses
 
 
-def _assert_close(reference: dict[int, tuple], got: dict, rtol: float = 1e-5) -> None:
-    """Per-step loss and gradient norm (before clipping) within ``rtol`` of the reference."""
+def _assert_close(reference: dict[int, tuple], got: dict, norm_rtol: float = 1e-4) -> None:
+    """Per-step losses within 1e-5 relative of the reference, gradient norms (before clipping;
+    a wrong reduction over the mesh is off by a factor) within ``norm_rtol``: another summation
+    order moves a norm more than the loss it came from (Muon's bf16 iteration rounds the
+    difference up to whole bf16 steps, hence 1e-3 there)."""
     got = {int(k): tuple(v) for k, v in got.items()}
     assert sorted(got) == sorted(reference)
     for step, (loss, norm) in reference.items():
-        assert got[step][0] == pytest.approx(loss, rel=rtol), ("loss", step, got[step], loss)
-        assert got[step][1] == pytest.approx(norm, rel=rtol), ("grad norm", step, got[step], norm)
+        assert got[step][0] == pytest.approx(loss, rel=1e-5), ("loss", step, got[step], loss)
+        assert got[step][1] == pytest.approx(norm, rel=norm_rtol), ("norm", step, got[step], norm)
 
 
 def _check_mesh(results: dict, reference: dict, name: str) -> None:
     assert results["initial_equal"][name], "the sharded model does not start from the same weights"
-    _assert_close(reference[MESHES[name][3]], results["losses"][name])
+    optimizer = MESHES[name][3]
+    norm_rtol = 1e-3 if optimizer == "muon" else 1e-4
+    _assert_close(reference(optimizer), results["losses"][name], norm_rtol)
 
 
 @pytest.mark.parametrize("name", DEFAULT_MESHES)
@@ -257,7 +273,7 @@ def test_checkpoint_resumes_across_meshes_then_in_one_process(slow_runs, referen
     _load(model, optimizer, out / f"ckpt-{RESUME_CHAIN[-1][2]}")
     chain.update(_train(model, optimizer, config, _one_process(), ParallelConfig(),
                         range(RESUME_CHAIN[-1][2], STEPS)))  # fmt: skip
-    _assert_close(reference_losses["adamw"], chain)
+    _assert_close(reference_losses("adamw"), chain)
 
 
 @pytest.mark.slow
