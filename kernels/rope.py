@@ -37,13 +37,20 @@ def rope_cos_sin(
     low_freq_factor: float = 1.0,
     high_freq_factor: float = 4.0,
     original_max_len: int = 0,
+    beta_fast: float = 32.0,
+    beta_slow: float = 1.0,
+    truncate: bool = True,
+    attention_factor: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of shape (*positions.shape, head_dim // 2), in fp32.
 
     ``scaling`` stretches the frequencies to a longer context: ``"linear"`` divides every one by
     ``factor`` (position interpolation); ``"llama3"`` divides only the low frequencies (waves
     longer than ``original_max_len / low_freq_factor``), keeps the high ones (shorter than
-    ``original_max_len / high_freq_factor``) and blends in between, as Llama 3.1 does.
+    ``original_max_len / high_freq_factor``) and blends in between, as Llama 3.1 does;
+    ``"yarn"`` blends between dimensions that turn ``beta_fast`` and ``beta_slow`` times over
+    ``original_max_len``. Both tables are multiplied by ``attention_factor`` (YaRN's scale of the
+    attention logits, which q and k each take half of through the rotation).
     """
     inv_freq = rope_inv_freq(
         head_dim,
@@ -54,9 +61,14 @@ def rope_cos_sin(
         low_freq_factor=low_freq_factor,
         high_freq_factor=high_freq_factor,
         original_max_len=original_max_len,
+        beta_fast=beta_fast,
+        beta_slow=beta_slow,
+        truncate=truncate,
     )
     angles = positions.to(torch.float32)[..., None] * inv_freq
-    return angles.cos(), angles.sin()
+    if attention_factor == 1.0:
+        return angles.cos(), angles.sin()
+    return angles.cos() * attention_factor, angles.sin() * attention_factor
 
 
 def rope_inv_freq(
@@ -69,6 +81,9 @@ def rope_inv_freq(
     low_freq_factor: float = 1.0,
     high_freq_factor: float = 4.0,
     original_max_len: int = 0,
+    beta_fast: float = 32.0,
+    beta_slow: float = 1.0,
+    truncate: bool = True,
 ) -> torch.Tensor:
     """The (head_dim // 2,) fp32 rotation frequencies, scaled as :func:`rope_cos_sin` says."""
     exponents = torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim
@@ -77,6 +92,9 @@ def rope_inv_freq(
         return inv_freq
     if scaling == "linear":
         return inv_freq / factor
+    if scaling == "yarn":
+        return _yarn_inv_freq(inv_freq, head_dim, theta, factor, original_max_len, beta_fast,
+                              beta_slow, truncate)  # fmt: skip
     if scaling != "llama3":
         raise ValueError(f"unknown RoPE scaling {scaling!r}")
     low_freq_wavelen = original_max_len / low_freq_factor
@@ -87,6 +105,38 @@ def rope_inv_freq(
     smoothed = (1 - smooth) * scaled / factor + smooth * scaled
     medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
     return torch.where(medium, smoothed, scaled)
+
+
+def _yarn_inv_freq(
+    inv_freq: torch.Tensor,
+    head_dim: int,
+    theta: float,
+    factor: float,
+    original_max_len: int,
+    beta_fast: float,
+    beta_slow: float,
+    truncate: bool,
+) -> torch.Tensor:
+    """YaRN: interpolated (divided by ``factor``) below the dimension that turns ``beta_slow``
+    times over the original context, kept above the one that turns ``beta_fast`` times, a linear
+    ramp in between (the formulas of the paper, as transformers computes them)."""
+
+    def dim_of(rotations: float) -> float:
+        return (head_dim * math.log(original_max_len / (rotations * 2 * math.pi))) / (
+            2 * math.log(theta)
+        )
+
+    low, high = dim_of(beta_fast), dim_of(beta_slow)
+    if truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+        high += 0.001  # no zero-width ramp
+    ramp = (torch.arange(head_dim // 2, dtype=torch.float32) - low) / (high - low)
+    keep = 1 - ramp.clamp(0, 1).to(inv_freq.device)  # 1: the original frequency
+    exponents = torch.arange(0, head_dim, 2, device=inv_freq.device, dtype=torch.float32) / head_dim
+    pos_freqs = theta**exponents  # inv_freq is 1 / this, computed the same way
+    return 1.0 / (factor * pos_freqs) * (1 - keep) + inv_freq * keep
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

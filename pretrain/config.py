@@ -35,7 +35,7 @@ class ConfigError(UserError):
 
 Schedule = Literal["cosine", "linear", "wsd", "constant"]
 SCHEDULES: tuple[str, ...] = typing.get_args(Schedule)
-RopeScaling = Literal["none", "linear", "llama3"]
+RopeScaling = Literal["none", "linear", "llama3", "yarn"]
 HFFamily = Literal["auto", "llama", "mistral", "qwen2", "qwen3"]
 
 
@@ -87,10 +87,14 @@ class ModelConfig:
     attention_bias: bool = False  # biases on the q, k and v projections (Qwen2)
     head_dim_override: int = 0  # 0: d_model / n_heads; else the per-head width (Qwen3)
     rope_scaling: RopeScaling = "none"  # how RoPE's frequencies stretch to a longer context
-    rope_factor: float = 1.0  # linear, llama3: the context stretch factor
+    rope_factor: float = 1.0  # linear, llama3, yarn: the context stretch factor
     rope_low_freq_factor: float = 1.0  # llama3
     rope_high_freq_factor: float = 4.0  # llama3
-    rope_original_max_seq_len: int = 0  # llama3: the context before scaling (required)
+    rope_original_max_seq_len: int = 0  # llama3, yarn: the context before scaling (required)
+    rope_beta_fast: float = 32.0  # yarn: rotations where the frequencies stop being interpolated
+    rope_beta_slow: float = 1.0  # yarn: rotations where they start
+    rope_attention_factor: float = 0.0  # yarn: cos/sin scale; 0: 0.1 ln(rope_factor) + 1
+    rope_truncate: bool = True  # yarn: round the correction range to whole dimensions
     # The Hugging Face architecture an export is written as; auto: the one the options need
     # (an imported checkpoint keeps its own, so a fine-tuned Mistral is exported as Mistral).
     hf_family: HFFamily = "auto"
@@ -138,14 +142,17 @@ class ModelConfig:
         so a value that would be ignored is never silently accepted."""
         for name in ("rope_factor", "rope_low_freq_factor", "rope_high_freq_factor"):
             _positive(f"model.{name}", getattr(self, name))
+        for name in ("rope_beta_fast", "rope_beta_slow"):
+            _positive(f"model.{name}", getattr(self, name))
         _at_least("model.rope_original_max_seq_len", self.rope_original_max_seq_len, 0)
+        _at_least("model.rope_attention_factor", self.rope_attention_factor, 0, "(0: yarn's own)")
         kind = self.rope_scaling
         if kind == "none":
             if self.rope_factor != 1.0:
                 _refuse("model.rope_factor", self.rope_factor, "1.0 when model.rope_scaling='none'")
             return
         _at_least("model.rope_factor", self.rope_factor, 1.0)
-        if kind == "llama3":
+        if kind in ("llama3", "yarn"):
             _at_least(
                 "model.rope_original_max_seq_len",
                 self.rope_original_max_seq_len,

@@ -81,8 +81,20 @@ _ROPE_TYPES = {  # rope_type -> the parameters it reads (transformers' names -> 
         "high_freq_factor": "rope_high_freq_factor",
         "original_max_position_embeddings": "rope_original_max_seq_len",
     },
+    "yarn": {
+        "factor": "rope_factor",
+        "original_max_position_embeddings": "rope_original_max_seq_len",
+    },
 }
-_OUR_ROPE_TYPES = {"default": "none", "linear": "linear", "llama3": "llama3"}
+_OPTIONAL_ROPE = {  # rope_type -> the parameters it may leave out (transformers' defaults then)
+    "yarn": {
+        "beta_fast": "rope_beta_fast",
+        "beta_slow": "rope_beta_slow",
+        "attention_factor": "rope_attention_factor",
+        "truncate": "rope_truncate",
+    },
+}
+_OUR_ROPE_TYPES = {"default": "none", "linear": "linear", "llama3": "llama3", "yarn": "yarn"}
 
 
 def export_family(cfg: ModelConfig) -> str:
@@ -116,6 +128,9 @@ def _rope_parameters(cfg: ModelConfig) -> dict:
     rope: dict = {"rope_type": kind, "rope_theta": cfg.rope_theta}
     for theirs, ours in _ROPE_TYPES[kind].items():
         rope[theirs] = getattr(cfg, ours)
+    for theirs, ours in _OPTIONAL_ROPE.get(kind, {}).items():
+        if theirs != "attention_factor" or cfg.rope_attention_factor > 0:  # 0: yarn's default
+            rope[theirs] = getattr(cfg, ours)
     return rope
 
 
@@ -334,18 +349,22 @@ def _rope_fields(config: dict, path: str | os.PathLike) -> dict:
         )
     if given.get("partial_rotary_factor", 1.0) == 1.0:
         given.pop("partial_rotary_factor", None)
+    given = {k: v for k, v in given.items() if v is not None}  # null: transformers' default
     fields = {"rope_theta": float(theta), "rope_scaling": _OUR_ROPE_TYPES[kind]}
+    optional = _OPTIONAL_ROPE.get(kind, {})
     for name, value in given.items():
-        if name not in _ROPE_TYPES[kind]:
+        if name not in _ROPE_TYPES[kind] and name not in optional:
             raise _field_error(
                 path, f"rope_parameters.{name}", f"is not supported with rope_type {kind!r}"
             )
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
+        want_bool = name == "truncate"
+        if isinstance(value, bool) != want_bool or not isinstance(value, (int, float)):
             raise _field_error(path, f"rope_parameters.{name}", f"has the wrong type: {value!r}")
     for theirs, ours in _ROPE_TYPES[kind].items():
         if theirs not in given:
             raise _field_error(path, f"rope_parameters.{theirs}", f"is missing ({kind} RoPE)")
         fields[ours] = given[theirs]
+    fields |= {ours: given[theirs] for theirs, ours in optional.items() if theirs in given}
     return fields
 
 

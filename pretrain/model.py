@@ -394,7 +394,21 @@ def rope_tables(cfg: ModelConfig, positions: torch.Tensor) -> tuple[torch.Tensor
         low_freq_factor=cfg.rope_low_freq_factor,
         high_freq_factor=cfg.rope_high_freq_factor,
         original_max_len=cfg.rope_original_max_seq_len,
+        beta_fast=cfg.rope_beta_fast,
+        beta_slow=cfg.rope_beta_slow,
+        truncate=cfg.rope_truncate,
+        attention_factor=yarn_attention_factor(cfg),
     )
+
+
+def yarn_attention_factor(cfg: ModelConfig) -> float:
+    """YaRN's scale of cos and sin: ``rope_attention_factor``, or 0.1 ln(factor) + 1 by default
+    (1 without yarn scaling)."""
+    if cfg.rope_scaling != "yarn":
+        return 1.0
+    if cfg.rope_attention_factor > 0:
+        return cfg.rope_attention_factor
+    return 0.1 * math.log(cfg.rope_factor) + 1.0 if cfg.rope_factor > 1 else 1.0
 
 
 def _positions_within_documents(doc_ids: torch.Tensor) -> torch.Tensor:

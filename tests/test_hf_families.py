@@ -135,6 +135,8 @@ LLAMA3 = {
     "rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
     "high_freq_factor": 4.0, "original_max_position_embeddings": 32,
 }  # fmt: skip
+YARN = {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0,
+        "original_max_position_embeddings": 32}  # fmt: skip
 FAMILIES = {  # name: (transformers class name, config fields beyond SHAPE)
     "llama": ("Llama", {"rope_parameters": {"rope_type": "default", "rope_theta": 5e5}}),
     "llama-linear": (
@@ -145,8 +147,10 @@ FAMILIES = {  # name: (transformers class name, config fields beyond SHAPE)
     "mistral": ("Mistral", {"sliding_window": None, "head_dim": 32}),
     "qwen2": ("Qwen2", {}),
     "qwen3": ("Qwen3", {"head_dim": 24}),
+    "qwen3-yarn": ("Qwen3", {"head_dim": 24, "rope_parameters": YARN}),
 }
-DEFAULT_SUITE = ("llama3", "qwen2", "qwen3")  # every family of the rest is a slow case
+LONG = ("llama3", "qwen3-yarn")  # scaled RoPE: checked beyond the original context
+DEFAULT_SUITE = ("llama3", "qwen2", "qwen3", "qwen3-yarn")  # the rest: slow cases
 
 
 def family_params(names=FAMILIES, default=DEFAULT_SUITE):
@@ -238,8 +242,10 @@ def test_a_transformers_checkpoint_gives_our_model_its_logits_and_greedy_tokens(
     hf_model, path = hf_dirs(name, style)
     ours = quiet_load(path)
     assert ours.config.hf_family == ("mistral" if name == "mistral" else "auto")
-    tokens = random_tokens(2, 100 if name == "llama3" else 24)  # llama3: beyond 32 positions
+    tokens = random_tokens(2, 100 if name in LONG else 24)  # beyond 32 positions
     assert max_logit_diff(ours, hf_model, tokens) <= TOL
+    if style == "4":
+        return  # the same weights: the greedy tokens are the transformers 5 case's
     prompt = random_tokens(1, 5, seed=1)[0].tolist()
     assert generate(ours, prompt, max_tokens=32) == transformers_greedy(hf_model, prompt, 32)
 
@@ -270,7 +276,7 @@ def test_an_export_loads_in_transformers_as_the_same_family_with_our_logits(
     back = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     assert type(back).__name__ == type(hf_model).__name__
     assert back.config.model_type == hf_model.config.model_type
-    tokens = random_tokens(2, 100 if name == "llama3" else 24)
+    tokens = random_tokens(2, 100 if name in LONG else 24)
     assert max_logit_diff(ours, back, tokens) <= TOL
     assert load_model(out).config == ours.config  # and back to us: checksums verified
 
@@ -364,7 +370,12 @@ REFUSED = {  # family: [(config change, the field named)]
               use_sliding_window=True),
          "use_sliding_window"),
     ],
-    "qwen3": [(dict(attention_bias=True), "attention_bias")],
+    "qwen3": [
+        (dict(attention_bias=True), "attention_bias"),
+        (dict(rope_parameters={**YARN, "mscale": 0.7, "mscale_all_dim": 0.7}),
+         "rope_parameters.mscale"),
+        (dict(rope_parameters={**YARN, "truncate": 1}), "rope_parameters.truncate"),
+    ],
 }  # fmt: skip
 
 
