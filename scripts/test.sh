@@ -4,6 +4,9 @@
 #   bash scripts/test.sh --slow     only the slow end-to-end tests
 #   bash scripts/test.sh --all      everything
 # Any other arguments go to pytest (e.g. bash scripts/test.sh tests/test_config.py -x).
+# The tests run in TEST_WORKERS parallel processes (default: the number of cores, at most 4),
+# each file's tests in one process (their shared fixtures are built once); TEST_WORKERS=0 runs
+# them all in this process.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh dev
@@ -14,5 +17,12 @@ case "${1:-}" in
   --slow) marker=(-m slow); shift ;;
   --all) marker=(-m "slow or not slow"); shift ;;
 esac
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} OPENBLAS_NUM_THREADS=1 WANDB_MODE=offline
-exec "$PY" -m pytest "${marker[@]}" "$@"
+workers=${TEST_WORKERS:-$(( $(nproc) < 4 ? $(nproc) : 4 ))}
+parallel=()
+if [ "$workers" -gt 1 ]; then
+  parallel=(-n "$workers" --dist loadfile)
+fi
+# One BLAS thread per worker: the workers, not the threads, share out the cores.
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( workers > 1 ? 1 : 2 ))} OPENBLAS_NUM_THREADS=1
+export WANDB_MODE=offline
+exec "$PY" -m pytest "${parallel[@]}" "${marker[@]}" "$@"
