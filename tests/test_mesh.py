@@ -302,6 +302,40 @@ def test_trainer_resumes_across_meshes(tiny_dataset, tmp_path):
     assert_losses_close(losses(tmp_path / "one"), resumed, rtol=1e-5)
 
 
+def test_fsdp_knobs_and_a_3d_mesh_under_a_fake_process_group():
+    """``parallelize`` of a meta-device model on HSDP 2 x 1 x TP 2 under the fake backend (no
+    collective runs): the reshard policy of each FSDP2 group, the reduce dtype, and q_proj split
+    over all three mesh dims (replicated, FSDP rows, tensor-parallel rows)."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from pretrain.config import ParallelConfig
+    from pretrain.model import Transformer
+    from pretrain.parallel import DistInfo, parallelize
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialized in this process")
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=4)
+    try:
+        info = DistInfo(rank=0, local_rank=0, world_size=4, device=torch.device("cpu"))
+        expected = {"default": [True, False], "always": [True, True], "never": [False, False]}
+        for policy, blocks in expected.items():
+            with torch.device("meta"):
+                model = Transformer(_config().model)
+            parallel = ParallelConfig(dp_replicate=2, dp_shard=1, tp=2, reduce_dtype="bf16",
+                                      reshard_after_forward=policy)  # fmt: skip
+            parallelize(model, info, parallel)
+            groups = [block._get_fsdp_state()._fsdp_param_group for block in model.layers]
+            assert [g.post_forward_mesh_info is not None for g in groups] == blocks, policy
+            assert groups[0].mp_policy.reduce_dtype == torch.bfloat16
+            weight = model.layers[0].self_attn.q_proj.weight
+            assert weight.device.type == "meta" and weight.device_mesh.ndim == 3
+            assert weight.placements[0] == Replicate() and weight.placements[2] == Shard(0)
+    finally:
+        dist.destroy_process_group()
+
+
 def test_tensor_parallel_refuses_heads_it_cannot_split():
     from pretrain.config import ConfigError, ParallelConfig
     from pretrain.model import Transformer
