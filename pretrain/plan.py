@@ -36,7 +36,14 @@ from pretrain.export import DTYPES
 from pretrain.metrics import PEAK_BF16_FLOPS
 from pretrain.model import Transformer
 from pretrain.optim import build_optimizer
-from pretrain.parallel import MESH_DIMS, DistInfo, build_mesh, parallelize, set_gradient_sync
+from pretrain.parallel import (
+    MESH_DIMS,
+    DistInfo,
+    build_mesh,
+    check_tensor_parallel,
+    parallelize,
+    set_gradient_sync,
+)
 
 ACCEPTS_OVERRIDES = True
 GIB = 2**30
@@ -121,7 +128,10 @@ def dry_run_world_size(config: Config) -> int:
     """The world a dry run pretends to be: ``WORLD_SIZE`` as torchrun would set it, else the
     mesh's product when ``parallel.dp_shard`` is given, else one rank."""
     if "WORLD_SIZE" in os.environ:
-        return int(os.environ["WORLD_SIZE"])
+        value = os.environ["WORLD_SIZE"]
+        if not value.isdigit() or int(value) < 1:
+            raise UserError(f"WORLD_SIZE must be a number of ranks >= 1, got {value!r}")
+        return int(value)
     p = config.parallel
     return p.dp_replicate * p.tp * p.dp_shard if p.dp_shard > 0 else 1
 
@@ -459,8 +469,10 @@ def make_plan(
 ) -> Plan:
     """The per-GPU memory, collectives and FLOPs of ``config`` on ``world_size`` GPUs."""
     t = config.train
-    mesh_shape = config.parallel.mesh_shape(world_size)
-    mesh = dict(zip(("dp_replicate", "dp_shard", "tp"), mesh_shape, strict=True))
+    if world_size < 1:
+        raise UserError(f"--world-size must be >= 1, got {world_size}")
+    mesh = dict(zip(MESH_DIMS, config.parallel.mesh_shape(world_size), strict=True))
+    check_tensor_parallel(config.model, mesh["tp"], config.data.seq_len)
     data_ranks = mesh["dp_replicate"] * mesh["dp_shard"]
     per_pass = t.micro_batch_size * data_ranks
     if t.global_batch_size % per_pass:
