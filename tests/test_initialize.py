@@ -307,7 +307,7 @@ def test_two_ranks_start_with_well_under_the_memory_of_one_process(tmp_path):
     import torch.multiprocessing as mp
 
     cfg = ModelConfig(
-        vocab_size=32768, n_layers=16, d_model=1280, n_heads=10, n_kv_heads=5, ffn_hidden=5120
+        vocab_size=32768, n_layers=18, d_model=1280, n_heads=10, n_kv_heads=5, ffn_hidden=5120
     )
     n = Transformer.num_params(_meta_model(cfg))
     assert 0.4e9 < n < 0.6e9
