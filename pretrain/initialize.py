@@ -121,8 +121,9 @@ def init_parameter(
     local_rows = local.view(local.shape[0], -1)
     per_block = init_block_rows(param.shape)
     blocks = rows_index // per_block
-    for block in torch.unique(blocks).tolist():
-        where = torch.nonzero(blocks == block).flatten()
+    order = torch.argsort(blocks, stable=True)  # local rows grouped by the block they fall in
+    ids, counts = torch.unique_consecutive(blocks[order], return_counts=True)
+    for block, where in zip(ids.tolist(), order.split(counts.tolist())):
         values = init_block(init, seed, name, param.shape, block)
         values = values[rows_index[where] - block * per_block]
         if cols is not None:
