@@ -15,30 +15,61 @@ import json
 from pathlib import Path
 
 from pretrain.errors import UserError
-from pretrain.tokenizer import CHAT_TEMPLATE, EOS_TOKEN, ROLE_TOKENS
+from pretrain.tokenizer import (
+    CHAT_TEMPLATE,
+    EOS_TOKEN,
+    ROLE_TOKENS,
+    chat_template_source,
+    read_json_file,
+    token_text,
+)
 
 ROLES = tuple(ROLE_TOKENS)  # system, user, assistant
 __all__ = ["CHAT_TEMPLATE", "ROLES", "ChatTemplate", "read_chat_template"]
 
 
 def _compile(source: str):
-    """Compile ``source`` in the sandbox; a syntax error raises jinja's TemplateError."""
+    """Compile ``source`` in the sandbox as transformers does (loop controls, ``tojson``,
+    ``raise_exception``, ``strftime_now``); a syntax error raises jinja's TemplateError."""
+    from datetime import datetime
+
     from jinja2.exceptions import TemplateError
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     def raise_exception(message: str) -> None:
         raise TemplateError(message)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
+        return json.dumps(
+            x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+        )
+
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+    )
+    env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     return env.from_string(source)
 
 
 class ChatTemplate:
-    """A compiled chat template; ``origin`` (the file it came from) prefixes a compile error."""
+    """A compiled chat template; ``origin`` (the file it came from) prefixes a compile error.
 
-    def __init__(self, source: str = CHAT_TEMPLATE, origin: str | Path | None = None):
+    ``variables`` are the special tokens the template may use (``bos_token``, ``eos_token``,
+    ``pad_token``: :meth:`pretrain.tokenizer.SpecialTokens.template_variables`); by default the
+    project's end-of-text token.
+    """
+
+    def __init__(
+        self,
+        source: str = CHAT_TEMPLATE,
+        origin: str | Path | None = None,
+        variables: dict[str, str] | None = None,
+    ):
         from jinja2.exceptions import TemplateError
+
+        self.variables = {"eos_token": EOS_TOKEN} if variables is None else dict(variables)
 
         try:
             self._template = _compile(source)
@@ -53,7 +84,7 @@ class ChatTemplate:
         return self._template.render(
             messages=messages,
             add_generation_prompt=add_generation_prompt,
-            eos_token=EOS_TOKEN,
+            **self.variables,
         )
 
     def segments(self, messages: list[dict[str, str]]) -> list[tuple[str, bool]]:
@@ -63,8 +94,13 @@ class ChatTemplate:
         that opens an assistant turn is rendered as the generation prompt and does not train.
         Needs a template whose rendering of a prefix of the messages is a prefix of the whole.
         """
+        from jinja2.exceptions import TemplateError
+
         pieces: list[tuple[str, bool]] = []
-        done = self.render([])
+        try:
+            done = self.render([])
+        except TemplateError:  # a template that reads messages[0] (a default system turn)
+            done = ""
         for i, message in enumerate(messages):
             if message["role"] == "assistant":
                 header = self.render(messages[:i], add_generation_prompt=True)
@@ -87,21 +123,33 @@ class ChatTemplate:
 
 
 def read_chat_template(config_path: str | Path) -> str | None:
-    """The ``chat_template`` of a ``tokenizer_config.json``; None when it has none (or it is blank).
+    """The chat template of a ``tokenizer_config.json`` (or of the ``chat_template.jinja`` beside
+    it); None when there is none (or it is blank).
 
     An unreadable or malformed file is a :class:`UserError` naming it.
     """
     path = Path(config_path)
-    try:
-        source = json.loads(path.read_text()).get("chat_template")
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path} is not valid JSON: {e}") from None
-    except OSError as e:
-        raise UserError(f"{path} cannot be read: {e}") from None
-    return source if isinstance(source, str) and source.strip() else None
+    if not path.is_file():
+        raise UserError(f"{path} cannot be read: no such file")
+    return chat_template_source(path.parent, read_json_file(path))
+
+
+def template_variables(config_path: str | Path) -> dict[str, str]:
+    """The special tokens a ``tokenizer_config.json`` gives its template; ours where it has none."""
+    path = Path(config_path)
+    config = read_json_file(path)
+    names = {"bos_token": None, "eos_token": EOS_TOKEN, "pad_token": None, "unk_token": None}
+    out = {}
+    for key, default in names.items():
+        value = token_text(config.get(key), path, key) or default
+        if value is not None:
+            out[key] = value
+    return out
 
 
 def load_chat_template(config_path: str | Path) -> ChatTemplate | None:
     """The compiled template of a ``tokenizer_config.json``, or None when it has none."""
     source = read_chat_template(config_path)
-    return None if source is None else ChatTemplate(source, origin=config_path)
+    if source is None:
+        return None
+    return ChatTemplate(source, origin=config_path, variables=template_variables(config_path))

@@ -78,6 +78,7 @@ from pretrain.config import ModelConfig, load_config, save_config
 from pretrain.errors import UserError
 from pretrain.model import Transformer
 from pretrain.parallel import DistInfo, all_reduce_sum, barrier
+from pretrain.tokenizer import CHAT_TEMPLATE_FILE, GENERATION_CONFIG_FILE, TOKENIZER_CONFIG_FILE
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -90,6 +91,8 @@ TMP_PREFIX = ".tmp-"
 OLD_PREFIX = ".old-"  # a complete step-N moved aside while the same step is saved again
 ABANDONED_PREFIX = "abandoned-"
 TRAINER_STATE = "trainer.json"
+# Copied from beside the tokenizer when there: a Hugging Face model's special tokens and template.
+TOKENIZER_SIDECARS = (TOKENIZER_CONFIG_FILE, GENERATION_CONFIG_FILE, CHAT_TEMPLATE_FILE)
 LOCK_FILE = ".run.lock"
 TRAINER_FORMAT = 2  # 1: the pickled "trainer" entry of older checkpoints (read, never written)
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -800,6 +803,9 @@ class Checkpointer:
                 _write_text_atomic(tmp / BASE_POINTER, self._base_pointer())
             if self.tokenizer_path is not None and self.tokenizer_path.is_file():
                 shutil.copyfile(self.tokenizer_path, tmp / "tokenizer.json")
+                for name in TOKENIZER_SIDECARS:  # a model's own special tokens and template
+                    if (self.tokenizer_path.parent / name).is_file():
+                        shutil.copyfile(self.tokenizer_path.parent / name, tmp / name)
             _fsync_dir(tmp)
         except OSError as e:
             self._raise_save_error(e, tmp, final, need)

@@ -24,8 +24,8 @@ whose checksums disagree, naming them. :func:`load_model` gives a ready ``Transf
 from __future__ import annotations
 
 import argparse
-import hashlib
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -37,8 +37,8 @@ import torch
 
 from pretrain import lora
 from pretrain.checkpoint import (
-    find_checkpoint,
     check_fits_model,
+    find_checkpoint,
     load_weights,
     meta_state_dict,
     read_checkpoint_config,
@@ -65,9 +65,15 @@ from pretrain.hf import (
     to_hf_names,
     tokenizer_config,
 )
-from pretrain.model import Transformer
-from pretrain.tokenizer import END_OF_TURN, EOS_TOKEN, load_tokenizer
 from pretrain.initialize import copy_into_local, named_parameters
+from pretrain.model import Transformer
+from pretrain.tokenizer import (
+    END_OF_TURN,
+    EOS_TOKEN,
+    SpecialTokens,
+    load_tokenizer,
+    read_special_tokens,
+)
 
 __all__ = [  # with the layout names of pretrain.hf that callers may still import from here
     "CONFIG",
@@ -113,11 +119,48 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
 
 
 def _special_token_ids(tokenizer) -> tuple[int, int | None]:
-    """(end-of-text id, end-of-turn id or None) of a ``tokenizers.Tokenizer``."""
+    """(end-of-text id, end-of-turn id or None) of a ``tokenizers.Tokenizer`` of ours."""
     eos = tokenizer.token_to_id(EOS_TOKEN)
     if eos is None:
-        raise UserError(f"the tokenizer has no {EOS_TOKEN} token; train it with pretrain prepare")
+        raise UserError(
+            f"the tokenizer has no {EOS_TOKEN} token and no tokenizer_config.json beside it "
+            'names its end-of-text token: add "eos_token" there, or train it with pretrain prepare'
+        )
     return eos, tokenizer.token_to_id(END_OF_TURN)
+
+
+def _special_tokens(tokenizer, source_dir: Path | None) -> SpecialTokens:
+    """The special tokens to export: those of the tokenizer's directory (a checkpoint, export or
+    Hugging Face directory), or the project's own for a bare tokenizer."""
+    if source_dir is not None:
+        return read_special_tokens(source_dir, tokenizer)
+    _special_token_ids(tokenizer)
+    return SpecialTokens()
+
+
+def _token_metadata(
+    cfg: ModelConfig, torch_dtype: torch.dtype, tokenizer, special: SpecialTokens
+) -> tuple[dict, dict, dict]:
+    """``config.json``, ``generation_config.json`` and ``tokenizer_config.json`` with the
+    model's own special tokens and template (the project's layout for the project's tokens)."""
+    eos_id = special.eos_id(tokenizer)
+    config = hf_config(cfg, torch_dtype, eos_id)
+    tok_config = tokenizer_config(cfg)
+    if special.is_own:
+        return config, generation_config(eos_id, tokenizer.token_to_id(END_OF_TURN)), tok_config
+    bos_id, stops = special.bos_id(tokenizer), special.all_stop_ids(tokenizer)
+    config["bos_token_id"] = bos_id
+    gen = {
+        "bos_token_id": bos_id,
+        "eos_token_id": stops if len(stops) > 1 else eos_id,
+        "pad_token_id": special.pad_id(tokenizer),
+    }
+    for key, token in (("bos_token", special.bos), ("eos_token", special.eos)):
+        tok_config[key] = token
+    tok_config["pad_token"] = special.pad
+    tok_config["add_bos_token"] = special.add_bos
+    tok_config["chat_template"] = special.chat_template
+    return config, {k: v for k, v in gen.items() if v is not None}, tok_config
 
 
 # --------------------------------------------------------------------------- weights
@@ -309,8 +352,13 @@ def write_export(
     dtype: str = "fp32",
     overwrite: bool = False,
     max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
+    special_tokens: SpecialTokens | None = None,
 ) -> Path:
-    """Write an export of weights in our names; ``tokenizer`` is a path or a ``Tokenizer``."""
+    """Write an export of weights in our names; ``tokenizer`` is a path or a ``Tokenizer``.
+
+    The special tokens and chat template are ``special_tokens``, else those named beside a
+    tokenizer path (:func:`pretrain.tokenizer.read_special_tokens`), else the project's own.
+    """
     out = Path(out_dir)
     if dtype not in DTYPES:
         raise UserError(f"unknown export dtype {dtype!r}; choose from {', '.join(DTYPES)}")
@@ -318,10 +366,11 @@ def write_export(
     torch_dtype = DTYPES[dtype]
     max_bytes = parse_size(max_shard_size) if isinstance(max_shard_size, str) else max_shard_size
     if not isinstance(tokenizer, (str, os.PathLike)):
-        tok_obj = tokenizer
+        tok_obj, source_dir = tokenizer, None
     else:
-        tok_obj = load_tokenizer(tokenizer)
-    eos_id, end_of_turn_id = _special_token_ids(tok_obj)
+        tok_obj, source_dir = load_tokenizer(tokenizer), Path(tokenizer).parent
+    special = special_tokens or _special_tokens(tok_obj, source_dir)
+    config, gen_config, tok_config = _token_metadata(cfg, DTYPES[dtype], tok_obj, special)
     if tok_obj.get_vocab_size() > cfg.vocab_size:
         raise UserError(
             f"the tokenizer has {tok_obj.get_vocab_size()} tokens but the model only "
@@ -339,9 +388,9 @@ def write_export(
     tmp.mkdir()
     try:
         _write_weights(tensors, tmp, max_bytes)
-        _write_json(tmp / CONFIG, hf_config(cfg, torch_dtype, eos_id))
-        _write_json(tmp / GENERATION_CONFIG, generation_config(eos_id, end_of_turn_id))
-        _write_json(tmp / TOKENIZER_CONFIG, tokenizer_config(cfg))
+        _write_json(tmp / CONFIG, config)
+        _write_json(tmp / GENERATION_CONFIG, gen_config)
+        _write_json(tmp / TOKENIZER_CONFIG, tok_config)
         tok_obj.save(str(tmp / TOKENIZER))
         _write_checksums(tmp)
         _install(tmp, out, overwrite)
@@ -392,8 +441,9 @@ def load_export(
 ) -> tuple[ModelConfig, dict[str, torch.Tensor], object]:
     """``(ModelConfig, state dict in our names, tokenizers.Tokenizer)`` of an export.
 
-    With ``verify`` (the default) every file is first checked against its checksum. The tensors
-    keep the export's dtype; their names and shapes are checked against ``config.json``.
+    With ``verify`` (the default) every file is first checked against its checksum (a foreign
+    Hugging Face directory has none: see :func:`verify_export`). The tensors keep the export's
+    dtype; their names and shapes are checked against ``config.json``.
     """
     export_dir = Path(export_dir)
     if not export_dir.is_dir():
@@ -424,8 +474,11 @@ def load_export(
         )
     if problems:
         raise UserError(f"export {export_dir} does not match its {CONFIG}: {'; '.join(problems)}")
-    tokenizer = load_tokenizer(tokenizer_file(export_dir))
-    return cfg, from_hf_names(tensors, cfg.tie_embeddings), tokenizer
+    return (
+        cfg,
+        from_hf_names(tensors, cfg.tie_embeddings),
+        load_tokenizer(tokenizer_file(export_dir)),
+    )
 
 
 def tokenizer_file(model_dir: str | os.PathLike) -> Path:

@@ -30,12 +30,11 @@ import json
 import math
 import os
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pretrain import lora
-from pretrain.chat import read_chat_template
 from pretrain.checkpoint import find_checkpoint
 from pretrain.config import (
     Config,
@@ -47,7 +46,7 @@ from pretrain.config import (
 )
 from pretrain.errors import UserError
 from pretrain.export import tokenizer_file
-from pretrain.hf import CONFIG, TOKENIZER_CONFIG, read_export_config
+from pretrain.hf import CONFIG, read_export_config
 from pretrain.parallel import DistInfo
 from pretrain.sft import (
     ChatTemplate,
@@ -59,7 +58,7 @@ from pretrain.sft import (
     split_train_val,
     tokenize_conversations,
 )
-from pretrain.tokenizer import CHAT_TEMPLATE, EOS_TOKEN, load_tokenizer
+from pretrain.tokenizer import SpecialTokens, load_tokenizer, read_special_tokens
 from pretrain.train import TrainData, TrainResult, train
 
 if sys.version_info >= (3, 11):
@@ -85,6 +84,7 @@ class InitSource:
     model: ModelConfig
     tokenizer_path: Path
     chat_template: str
+    special_tokens: SpecialTokens = field(default_factory=SpecialTokens)
 
 
 def read_init(path: str | os.PathLike) -> InitSource:
@@ -94,15 +94,22 @@ def read_init(path: str | os.PathLike) -> InitSource:
     if not p.exists():
         raise UserError(f"--init-from {p} does not exist: give a checkpoint, a run or an export")
     if (p / CONFIG).is_file():
-        tok_config = p / TOKENIZER_CONFIG
-        template = (tok_config.is_file() and read_chat_template(tok_config)) or CHAT_TEMPLATE
-        return InitSource(p, "export", read_export_config(p), tokenizer_file(p), template)
+        tokens = _special_tokens(tokenizer_file(p))
+        model = read_export_config(p)
+        return InitSource(p, "export", model, tokenizer_file(p), tokens.chat_template, tokens)
     step_dir = find_checkpoint(p)
     config_path = step_dir / "config.toml"
     if not config_path.is_file():
         raise UserError(f"checkpoint {step_dir} has no config.toml: its model shape is unknown")
     model = load_config(config_path).model
-    return InitSource(p, "checkpoint", model, step_dir / "tokenizer.json", CHAT_TEMPLATE)
+    tok_path = step_dir / "tokenizer.json"
+    tokens = _special_tokens(tok_path) if tok_path.is_file() else SpecialTokens()
+    return InitSource(p, "checkpoint", model, tok_path, tokens.chat_template, tokens)
+
+
+def _special_tokens(tokenizer_path: Path) -> SpecialTokens:
+    """The special tokens and template named beside a tokenizer (the project's when none are)."""
+    return read_special_tokens(tokenizer_path.parent, load_tokenizer(tokenizer_path))
 
 
 def explicit_model_keys(config_path: Path | None, overrides: list[tuple[str, str]]) -> list[str]:
@@ -156,7 +163,7 @@ def prepare_data(config: Config, init: InitSource) -> SFTData:
             f"the tokenizer of {init.path} has {tokenizer.get_vocab_size()} tokens but the model "
             f"only {config.model.vocab_size}: they do not belong together"
         )
-    template = ChatTemplate(init.chat_template)
+    template = ChatTemplate(init.chat_template, variables=init.special_tokens.template_variables())
     convs, read = read_jsonl(ft.data, skip_bad_rows=ft.skip_bad_rows)
     summary: dict[str, Any] = {"data": ft.data, "rows": read.rows, "skipped": dict(read.skipped)}
     lines = [describe_read(ft.data, read)]
@@ -184,7 +191,7 @@ def prepare_data(config: Config, init: InitSource) -> SFTData:
     summary.update(
         train=asdict(train_fit), val=asdict(val_fit), seq_len=seq_len, report="\n".join(lines)
     )
-    return SFTData(train_docs, val_docs, tokenizer.token_to_id(EOS_TOKEN), summary)
+    return SFTData(train_docs, val_docs, init.special_tokens.pad_id(tokenizer), summary)
 
 
 def loader_factory(config: Config, docs: list[Document], pad_id: int, *, train: bool):

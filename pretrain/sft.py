@@ -8,7 +8,9 @@ with ``add_generation_prompt``.
 
 Loss falls only on what the assistant says: the content of each assistant turn and its closing
 ``<|end|>`` (so the model learns to stop). Everything else -- system and user turns, the
-``<|assistant|>`` header -- is context with target -100.
+``<|assistant|>`` header -- is context with target -100. A Hugging Face model fine-tunes with its
+own template (Llama 3: the turn closes with ``<|eot_id|>``, ``<|begin_of_text|>`` comes from the
+template's ``bos_token``), so its training ids are those of transformers' ``apply_chat_template``.
 
 Each conversation is rendered by the chat template one turn at a time, and each piece is tokenized
 on its own, so the prompt's tokens are exactly the tokens the server feeds the model at inference
@@ -38,7 +40,7 @@ import torch
 from pretrain.chat import ROLES, ChatTemplate
 from pretrain.data.loader import Batch, Loader
 from pretrain.errors import UserError
-from pretrain.tokenizer import END_OF_TURN, EOS_TOKEN, ROLE_TOKENS
+from pretrain.tokenizer import CHAT_TEMPLATE, END_OF_TURN, EOS_TOKEN, ROLE_TOKENS
 
 log = logging.getLogger(__name__)
 
@@ -178,8 +180,14 @@ class Example:
         return self.tokens[:-1], targets
 
 
-def check_tokenizer(tokenizer) -> None:
-    """The template's special tokens must be single tokens of the tokenizer, else it is the wrong one."""
+def check_tokenizer(tokenizer, template: ChatTemplate | None = None) -> None:
+    """The template's special tokens must be single tokens of the tokenizer, else it is the wrong one.
+
+    The project's template needs its role tokens; a model's own template (a Hugging Face
+    directory's) needs the special tokens it is given (checked when they were read).
+    """
+    if template is not None and template.source != CHAT_TEMPLATE:
+        return
     missing = [
         t
         for t in (*ROLE_TOKENS.values(), END_OF_TURN, EOS_TOKEN)
@@ -188,7 +196,8 @@ def check_tokenizer(tokenizer) -> None:
     if missing:
         raise UserError(
             f"the tokenizer has no special token(s) {', '.join(missing)}: it was not trained "
-            "by 'pretrain prepare', so the chat template cannot be tokenized"
+            "by 'pretrain prepare', so the project's chat template cannot be tokenized; give "
+            "the model's own template as 'chat_template' in its tokenizer_config.json"
         )
 
 
@@ -196,7 +205,7 @@ def tokenize_conversations(
     conversations: list[list[dict[str, str]]], tokenizer, template: ChatTemplate
 ) -> list[Example]:
     """Render every conversation and tokenize its pieces (in batches, for speed)."""
-    check_tokenizer(tokenizer)
+    check_tokenizer(tokenizer, template)
     all_segments = [template.segments(c) for c in conversations]
     flat_text = [text for segs in all_segments for text, _ in segs]
     encodings = tokenizer.encode_batch(flat_text, add_special_tokens=False)
