@@ -621,7 +621,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data", default=str(ROOT / "data/stdlib"), help="a prepared dataset")
     p.add_argument("--out", default=str(ROOT / "runs/bench_recipe"), help="run directories")
     p.add_argument("--arms", default="a,b,c", help="comma-separated subset of a,b,c")
-    p.add_argument("--budget-s", type=float, default=45.0, help="CPU s per final run")
+    p.add_argument("--budget-s", type=float, default=20.0, help="CPU s per final run")
     p.add_argument("--sweep-budget-s", type=float, default=20.0, help="CPU s per sweep run")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=8, help="sequences per step, every arm")
