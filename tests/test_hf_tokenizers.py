@@ -266,3 +266,15 @@ def test_fine_tune_export_and_chat_with_the_models_own_tokens(
     ]
     example, _ = our_example(out, CONVERSATION)  # the fine-tuned export renders as transformers
     assert example.tokens.tolist() == apply_chat_template(back, CONVERSATION)
+    from types import SimpleNamespace
+
+    from pretrain.generate import prompt_ids
+    from pretrain.inference import load_for_inference
+
+    loaded = load_for_inference(out, device="cpu")  # what `pretrain generate --chat` prompts with
+    assert loaded.eos_ids == model.generation_config.eos_token_id
+    asked = SimpleNamespace(chat=True, prompt="And grass?", system="You name colours.")
+    messages = [{"role": "system", "content": "You name colours."}, CONVERSATION[3]]
+    assert prompt_ids(loaded, asked) == apply_chat_template(
+        back, messages, add_generation_prompt=True
+    )
