@@ -206,9 +206,13 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> None:
     """Megatron-style tensor parallel with sequence-parallel norms, in place (see the module doc).
 
     Activations between the blocks are (B, T / tp, d) local tensors; inside a block the norm's
-    output is all-gathered along the sequence for the column-split products, whose outputs are
+    output is all-gathered along the sequence once for attention and once for the MLP, and the
+    column-split products take that gathered input as one replicated DTensor. Their outputs are
     each rank's heads (or MLP columns) as plain tensors; the row-split products reduce-scatter
-    back to sequence shards.
+    back to sequence shards. In the backward pass the input gradients of q/k/v (and of gate/up)
+    are partial sums of one DTensor that add up before they are reduced, so each module's input
+    gradient is one reduce-scatter, not one all-reduce per product: a plain tensor input would
+    be re-wrapped by each product on its own and all-reduced by each.
     """
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.parallel import (
@@ -235,7 +239,6 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> None:
             "self_attn": PrepareModuleInput(
                 input_layouts=(Shard(1),) + (None,) * (n_attn_args - 1),
                 desired_input_layouts=(Replicate(),) + (None,) * (n_attn_args - 1),
-                use_local_output=True,
             ),
             "self_attn.q_proj": ColwiseParallel(),
             "self_attn.k_proj": ColwiseParallel(),
@@ -244,7 +247,6 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> None:
             "post_attention_layernorm": SequenceParallel(),
             "mlp": PrepareModuleInput(
                 input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),),
-                use_local_output=True,
             ),
             "mlp.gate_proj": ColwiseParallel(),
             "mlp.up_proj": ColwiseParallel(),

@@ -157,6 +157,28 @@ def test_dry_run_of_one_step_at_256_ranks(root, tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("WORLD_SIZE")
     plan = make_plan(small_config(root, *overrides), 256)
     assert states == plan.memory_bytes("optimizer states")
+    check_tensor_parallel_collectives(plan, small_config(root, *overrides))
+
+
+def check_tensor_parallel_collectives(plan, config) -> None:
+    """A TP block sends its activations once per attention and once per MLP each way: forward,
+    an all-gather into q/k/v (gate/up) and a reduce-scatter out of o (down); backward, the
+    reverse. The input gradients of q/k/v (gate/up) add up before one reduce-scatter; an
+    all-reduce per product (five per block) would send five times as much. The only TP
+    all-reduces left are the norms' weight gradients."""
+    m, t = config.model, config.train
+    accum = config.train.global_batch_size // (t.micro_batch_size * 128)  # 2 x 64 data ranks
+    tp_rows = {c.name.split(" (")[0]: c for c in plan.collectives if c.group == "tp"}
+    # per micro-batch: 4 per block (AC none, so no recomputation) and 1 for the embedding's
+    # output (were each product to take a plain tensor, it would be 2 per block, and the
+    # backward's input gradients 5 all-reduces of the whole activation)
+    per_block = (tp_rows["reduce-scatter"].calls / accum - 1) / m.n_layers
+    backward = per_block - 2  # the forward's two: out of o and out of down
+    assert backward == 2  # at most 2, and 2 it must be: one into attention, one into the MLP
+    activation_bytes = t.micro_batch_size * config.data.seq_len * m.d_model * 4
+    norm_bytes = m.d_model * 4
+    assert tp_rows["all-reduce"].bytes_per_call <= norm_bytes < activation_bytes
+    assert tp_rows["all-reduce"].calls == 2 * m.n_layers + 1  # two norms a block, the final
 
 
 def test_dry_run_refuses_a_wrong_mesh_in_one_line(root, tmp_path, monkeypatch, capsys):
