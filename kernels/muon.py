@@ -22,15 +22,25 @@ and weight decay). The momentum buffer is fp32 whatever the parameter dtype; the
 Matrices are batched by shape: every matrix whose shape, rows ≤ cols after transposing tall ones,
 is the same goes through the iteration in one batched launch per kernel.
 
-Under FSDP2 a parameter is a DTensor sharded by rows (``Shard(0)``) and the iteration needs whole
-matrices. Each rank orthogonalizes a disjoint subset: matrix ``i`` (in parameter order) belongs to
-rank ``i % world``. One ``all_to_all`` sends every rank's rows of each matrix, cast to
-``ns_dtype``, to its owner; the owner runs the iteration on its whole matrices (batched by shape),
-and a second ``all_to_all`` sends each rank back its rows of the result. A step thus moves each
-local shard twice in ``ns_dtype``, holds about 1/world of the matrices whole on each rank and
-spreads the iteration's FLOPs over the ranks, instead of every rank gathering and orthogonalizing
-everything. A DTensor of any other placement (HSDP's replicated shards, tensor-parallel splits on
-a 2-D mesh) is gathered whole on every rank, orthogonalized there, and each rank keeps its part.
+A sharded parameter is a DTensor, and the iteration needs whole matrices. Whatever the
+placement — FSDP2's ``Shard(0)`` rows, HSDP's ``(Replicate, Shard(0))``, tensor parallel's row or
+column splits on a 2-D mesh, FSDP's ``_StridedShard`` over tensor-parallel rows — the matrices that
+share one group of ranks (the mesh dims on which they are split, flattened) are divided among its
+ranks: sorted by shape, then taken round-robin, so each rank owns a near-equal share of every
+shape. One ``all_to_all`` sends every rank's part of each matrix, cast to ``ns_dtype``, to its
+owner, which writes the parts into whole matrices (each rank's rows and columns come from
+DTensor's own split of an index vector, exchanged once per layout); the owner runs the iteration
+on its whole matrices (batched by shape), and a second ``all_to_all`` sends each rank back its
+part of the result. A step thus moves each local shard twice in ``ns_dtype``, holds about 1/group
+of the matrices whole on each rank and spreads the iteration's FLOPs over the group, instead of
+every rank gathering and orthogonalizing everything.
+
+Replicate dims (HSDP's ``dp_replicate``) are not part of the group: every replica holds the same
+data, so each replica group runs the same split independently and no byte crosses the replicate
+dim. Splitting over the replicas too would cut the iteration's FLOPs by another factor of
+``dp_replicate`` but needs a broadcast of every result across that dim — the slow, inter-node one
+under HSDP — every step, a bf16 copy of each rank's shard. ``matrices_orthogonalized`` counts the matrices this rank ran the iteration on. A DTensor of any other placement (a partial
+sum) is gathered whole on every rank, orthogonalized there, and each rank keeps its part.
 """
 
 from __future__ import annotations
@@ -67,22 +77,31 @@ class _Matrix:
 
     def __init__(self, param, group, update, placement):
         self.param, self.group, self.update, self.placement = param, group, update, placement
-        self.result = None  # this rank's rows of the orthogonalized update
+        self.result = None  # this rank's part of the orthogonalized update
+
+
+def _is_matrix_shard(placement) -> bool:
+    """A Shard or FSDP's _StridedShard of the rows or columns (what the split path lays out)."""
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    return isinstance(placement, (Shard, _StridedShard)) and placement.dim in (0, 1, -1, -2)
 
 
 def _placement(p: torch.Tensor) -> tuple[str, Any]:
-    """("local", None) for a whole matrix on this rank, ("rows", mesh) for a row-sharded DTensor
-    on a 1-D mesh (FSDP2), ("gather", None) for any other placement (HSDP, tensor parallel)."""
+    """("local", None) for a matrix whole on this rank (a plain tensor, or replicated on every
+    mesh dim); ("split", (mesh, shard_dims)) for a DTensor whose rows and/or columns are split
+    over the mesh dims ``shard_dims`` (FSDP2, HSDP, tensor parallel, FSDP's _StridedShard);
+    ("gather", None) for anything else (a partial sum), which every rank gathers whole."""
     mesh = getattr(p, "device_mesh", None)
     if mesh is None:
         return "local", None
-    from torch.distributed.tensor import Replicate, Shard
-
     placements = tuple(p.placements)
-    if all(isinstance(pl, Replicate) for pl in placements):
+    shard_dims = tuple(d for d, pl in enumerate(placements) if not pl.is_replicate())
+    if not shard_dims:
         return "local", None
-    if mesh.ndim == 1 and placements == (Shard(0),):
-        return "rows", mesh
+    if all(_is_matrix_shard(placements[d]) for d in shard_dims):
+        return "split", (mesh, shard_dims)
     return "gather", None
 
 
@@ -105,10 +124,120 @@ def _own_part(p, whole: torch.Tensor) -> torch.Tensor:
     return replicated.redistribute(p.device_mesh, p.placements).to_local()
 
 
-def _row_counts(rows: int, world: int) -> list[int]:
-    """Rows of each rank under Shard(0) (torch.chunk's split: ceil(rows / world) per rank)."""
-    chunk = -(-rows // world)
-    return [max(0, min(chunk, rows - r * chunk)) for r in range(world)]
+def _axis_placements(placements, axis: int) -> list:
+    """The placements of one axis (0: rows, 1: columns) of a matrix as those of a 1-D tensor:
+    the other axis's splits become Replicate, this axis's are moved to dim 0."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    out = []
+    for pl in placements:
+        if pl.is_replicate() or pl.dim % 2 != axis:
+            out.append(Replicate())
+        elif isinstance(pl, _StridedShard):
+            out.append(_StridedShard(0, split_factor=pl.split_factor))
+        else:
+            out.append(Shard(0))
+    return out
+
+
+def _as_index(indices: torch.Tensor) -> slice | torch.Tensor:
+    """A slice when the indices are one contiguous run (every plain Shard), else the indices."""
+    n = indices.numel()
+    if n == 0:
+        return slice(0, 0)
+    start = int(indices[0])
+    if torch.equal(indices, torch.arange(start, start + n)):
+        return slice(start, start + n)
+    return indices
+
+
+def _extent(index: slice | torch.Tensor) -> int:
+    return index.stop - index.start if isinstance(index, slice) else index.numel()
+
+
+def _take(whole: torch.Tensor, rows, cols) -> torch.Tensor:
+    """The part of ``whole`` at (rows, cols), contiguous."""
+    return whole[rows][:, cols].contiguous()
+
+
+def _put(whole: torch.Tensor, rows, cols, part: torch.Tensor) -> None:
+    """Write ``part`` at (rows, cols) of ``whole``."""
+    if isinstance(rows, slice) and isinstance(cols, slice):
+        whole[rows, cols] = part
+        return
+    r = torch.arange(rows.start, rows.stop) if isinstance(rows, slice) else rows
+    c = torch.arange(cols.start, cols.stop) if isinstance(cols, slice) else cols
+    whole[r.to(whole.device)[:, None], c.to(whole.device)[None, :]] = part
+
+
+class _Split:
+    """The matrices of one step that share a group of ranks: the group, each matrix's
+    (rows, columns) on every rank of it and each matrix's owner (a group rank)."""
+
+    __slots__ = ("matrices", "pg", "world", "rank", "layouts", "owner")
+
+    def __init__(self, matrices, pg, world, rank, layouts, owner):
+        self.matrices, self.pg, self.world, self.rank = matrices, pg, world, rank
+        self.layouts, self.owner = layouts, owner
+
+    def numel(self, i: int, rank: int) -> int:
+        """Elements of matrix ``i`` held by group rank ``rank``."""
+        rows, cols = self.layouts[i][rank]
+        return _extent(rows) * _extent(cols)
+
+
+def _mesh_key(mesh) -> tuple:
+    """A mesh by value: its ranks and shape (tensor parallel and FSDP2 make separate but equal
+    mesh objects for one set of ranks)."""
+    return tuple(mesh.mesh.shape), tuple(mesh.mesh.flatten().tolist())
+
+
+def _group_key(mesh, shard_dims: tuple[int, ...]) -> tuple:
+    """Matrices with equal keys share one group of ranks and one pair of all_to_alls."""
+    return _mesh_key(mesh), shard_dims
+
+
+def _owners(matrices: list[_Matrix], world: int) -> list[int]:
+    """Group rank that orthogonalizes each matrix: round-robin over the matrices sorted by shape
+    (then parameter order), so each rank gets a near-equal share of every shape's batch."""
+    order = sorted(range(len(matrices)),
+                   key=lambda i: (sorted(matrices[i].param.shape), i))  # fmt: skip
+    owner = [0] * len(matrices)
+    for k, i in enumerate(order):
+        owner[i] = k % world
+    return owner
+
+
+def _shard_group(mesh, shard_dims: tuple[int, ...]):
+    """The process group of the ranks that hold different parts of a matrix split over the mesh
+    dims ``shard_dims``: those sharing this rank's coordinates on the other (Replicate) dims.
+    For several dims every rank creates every such group, in the same order, as new_group
+    requires (once per optimizer and mesh)."""
+    if len(shard_dims) == 1:
+        return mesh.get_group(shard_dims[0])
+    import torch.distributed as dist
+
+    others = [d for d in range(mesh.ndim) if d not in shard_dims]
+    size = math.prod(mesh.size(d) for d in shard_dims)
+    rows = mesh.mesh.permute(*others, *shard_dims).reshape(-1, size).tolist()
+    me, mine = dist.get_rank(), None
+    for ranks in rows:
+        group = dist.new_group(ranks)
+        if me in ranks:
+            mine = group
+    return mine
+
+
+def _local_indices(p, axis: int) -> list[int]:
+    """The global row (``axis`` 0) or column (1) indices of ``p``'s local part on this rank, by
+    DTensor's own split of an index vector (no communication)."""
+    from torch.distributed.tensor import distribute_tensor
+
+    mesh = p.device_mesh
+    index = torch.arange(p.shape[axis], device=mesh.device_type)
+    placements = _axis_placements(p.placements, axis)
+    return distribute_tensor(index, mesh, placements, src_data_rank=None).to_local().tolist()
 
 
 class Muon(torch.optim.Optimizer):
@@ -163,6 +292,9 @@ class Muon(torch.optim.Optimizer):
         if backend not in (None, "auto", "triton", "torch"):
             raise ValueError(f"unknown kernel backend {backend!r}; choose auto, triton or torch")
         self.backend, self.ns_dtype = backend, ns_dtype
+        self.matrices_orthogonalized = 0  # matrices this rank ran the iteration on, all steps
+        self._groups: dict[tuple, tuple] = {}  # (mesh, shard dims) -> (mesh, process group)
+        self._layouts: dict[tuple, tuple] = {}  # (mesh, placements, shape) -> (mesh, layout)
         self._adamw_defaults = {
             "lr": lr if adamw_lr is None else adamw_lr,
             "weight_decay": weight_decay if adamw_weight_decay is None else adamw_weight_decay,
@@ -318,26 +450,27 @@ class Muon(torch.optim.Optimizer):
         return out
 
     def _orthogonalize(self, matrices: list[_Matrix]) -> None:
-        """Fill ``m.result`` (this rank's rows of NS(update)) for every matrix."""
-        gathered_whole = [m for m in matrices if m.placement[0] == "gather"]
-        for m in gathered_whole:
-            m.update = _whole(m.param, m.update)
-        whole = [m for m in matrices if m.placement[0] in ("local", "gather")]
-        by_mesh: dict[int, list[_Matrix]] = {}
+        """Fill ``m.result`` (this rank's part of NS(update)) for every matrix."""
         for m in matrices:
-            if m.placement[0] == "rows":
-                by_mesh.setdefault(id(m.placement[1]), []).append(m)
-        gathered = [self._gather_owned(ms) for ms in by_mesh.values()]
+            if m.placement[0] == "gather":
+                m.update = _whole(m.param, m.update)
+        whole = [m for m in matrices if m.placement[0] in ("local", "gather")]
+        by_group: dict[tuple, list[_Matrix]] = {}
+        for m in matrices:
+            if m.placement[0] == "split":
+                by_group.setdefault(_group_key(*m.placement[1]), []).append(m)
+        splits = [self._split(ms) for ms in by_group.values()]
+        gathered = [self._gather_owned(split) for split in splits]
         jobs = [(m.update, m.group) for m in whole]
-        jobs += [(full, ms[i].group) for ms, owned in zip(by_mesh.values(), gathered)
+        jobs += [(full, split.matrices[i].group) for split, owned in zip(splits, gathered)
                  for i, full in owned]  # fmt: skip
         results = self._batched_newton_schulz(jobs)
         for m, r in zip(whole, results):
             m.result = _own_part(m.param, r) if m.placement[0] == "gather" else r
         results = results[len(whole) :]
-        for ms, owned in zip(by_mesh.values(), gathered):
+        for split, owned in zip(splits, gathered):
             mine, results = results[: len(owned)], results[len(owned) :]
-            self._scatter_rows(ms, [(i, r) for (i, _), r in zip(owned, mine)])
+            self._scatter_owned(split, [(i, r) for (i, _), r in zip(owned, mine)])
 
     def _batched_newton_schulz(
         self, jobs: list[tuple[torch.Tensor, dict[str, Any]]]
@@ -358,85 +491,105 @@ class Muon(torch.optim.Optimizer):
             )
             for k, (i, t) in enumerate(zip(indices, tall)):
                 results[i] = out[k].mT if t else out[k]
+        self.matrices_orthogonalized += len(jobs)
         return results
 
-    def _gather_owned(self, matrices: list[_Matrix]) -> list[tuple[int, torch.Tensor]]:
-        """(index, whole update) of the matrices this rank owns, by one all_to_all."""
+    # ------------------------------------------------------------------ split matrices
+
+    def _split(self, matrices: list[_Matrix]) -> _Split:
+        """The group sharing ``matrices`` (one mesh and shard dims), their layouts and owners."""
         import torch.distributed as dist
 
-        mesh = matrices[0].placement[1]
-        pg = mesh.get_group()
+        mesh, shard_dims = matrices[0].placement[1]
+        key = _group_key(mesh, shard_dims)
+        if key not in self._groups:
+            self._groups[key] = (mesh, _shard_group(mesh, shard_dims))
+        pg = self._groups[key][1]
         world, rank = dist.get_world_size(pg), dist.get_rank(pg)
-        counts = [_row_counts(m.param.shape[0], world) for m in matrices]
-        for m, c in zip(matrices, counts):
-            if m.update.shape[0] != c[rank]:
+        layouts = [self._layout(m.param, pg) for m in matrices]
+        for m, layout in zip(matrices, layouts):
+            expected = tuple(_extent(index) for index in layout[rank])
+            if tuple(m.update.shape) != expected:
                 raise RuntimeError(
-                    f"a Shard(0) parameter of shape {tuple(m.param.shape)} holds "
-                    f"{m.update.shape[0]} rows on rank {rank}; expected torch.chunk's {c[rank]}"
+                    f"a parameter of shape {tuple(m.param.shape)} with placements "
+                    f"{tuple(m.param.placements)} holds a {tuple(m.update.shape)} shard on "
+                    f"rank {rank}; its DTensor layout says {expected}"
                 )
-        owner = [i % world for i in range(len(matrices))]
-        device, dtype = matrices[0].update.device, self.ns_dtype
-        send = [[] for _ in range(world)]
-        for i, m in enumerate(matrices):
+        return _Split(matrices, pg, world, rank, layouts, _owners(matrices, world))
+
+    def _layout(self, p, pg) -> list[tuple[slice | torch.Tensor, slice | torch.Tensor]]:
+        """(rows, columns) of ``p`` held by each rank of ``pg``, in group-rank order: computed
+        from DTensor's own split of this rank's part and exchanged once per layout (cached)."""
+        import torch.distributed as dist
+
+        key = (_mesh_key(p.device_mesh), tuple(p.placements), tuple(p.shape))
+        if key not in self._layouts:
+            mine = tuple(_local_indices(p, axis) for axis in (0, 1))
+            every: list = [None] * dist.get_world_size(pg)
+            dist.all_gather_object(every, mine, group=pg)
+            layout = [tuple(_as_index(torch.tensor(ix, dtype=torch.long)) for ix in rc)
+                      for rc in every]  # fmt: skip
+            self._layouts[key] = (p.device_mesh, layout)
+        return self._layouts[key][1]
+
+    def _gather_owned(self, split: _Split) -> list[tuple[int, torch.Tensor]]:
+        """(index, whole update) of the matrices this rank owns, by one all_to_all in which
+        every rank sends its part of each matrix to the matrix's owner."""
+        import torch.distributed as dist
+
+        ms, world, owner = split.matrices, split.world, split.owner
+        device, dtype = ms[0].update.device, self.ns_dtype
+        send: list[list[torch.Tensor]] = [[] for _ in range(world)]
+        for i, m in enumerate(ms):
             send[owner[i]].append(m.update.reshape(-1))
         in_splits = [sum(t.numel() for t in ts) for ts in send]
-        owned = [i for i in range(len(matrices)) if owner[i] == rank]
-        out_splits = [
-            sum(counts[i][src] * matrices[i].param.shape[1] for i in owned) for src in range(world)
-        ]
+        owned = [i for i in range(len(ms)) if owner[i] == split.rank]
+        out_splits = [sum(split.numel(i, src) for i in owned) for src in range(world)]
         flat_in = torch.cat([t for ts in send for t in ts]) if any(in_splits) else None
         if flat_in is None:
             flat_in = torch.empty(0, dtype=dtype, device=device)
         flat_out = torch.empty(sum(out_splits), dtype=dtype, device=device)
-        dist.all_to_all_single(flat_out, flat_in, out_splits, in_splits, group=pg)
-        # flat_out holds, for each source rank in order, its rows of each owned matrix in order.
-        pieces: dict[int, list[torch.Tensor]] = {i: [] for i in owned}
+        dist.all_to_all_single(flat_out, flat_in, out_splits, in_splits, group=split.pg)
+        # flat_out holds, for each source rank in order, its part of each owned matrix in order.
+        wholes = {i: torch.empty(ms[i].param.shape, dtype=dtype, device=device) for i in owned}
         offset = 0
         for src in range(world):
             for i in owned:
-                cols = matrices[i].param.shape[1]
-                n = counts[i][src] * cols
-                pieces[i].append(flat_out[offset : offset + n].view(counts[i][src], cols))
+                rows, cols = split.layouts[i][src]
+                n = split.numel(i, src)
+                part = flat_out[offset : offset + n].view(_extent(rows), _extent(cols))
+                _put(wholes[i], rows, cols, part)
                 offset += n
-        return [(i, torch.cat(pieces[i])) for i in owned]
+        return [(i, wholes[i]) for i in owned]
 
-    def _scatter_rows(self, matrices: list[_Matrix], owned: list[tuple[int, torch.Tensor]]):
-        """Send every rank its rows of the owned results (the reverse all_to_all)."""
+    def _scatter_owned(self, split: _Split, owned: list[tuple[int, torch.Tensor]]) -> None:
+        """Send every rank its part of the owned results (the reverse all_to_all)."""
         import torch.distributed as dist
 
-        mesh = matrices[0].placement[1]
-        pg = mesh.get_group()
-        world, rank = dist.get_world_size(pg), dist.get_rank(pg)
-        counts = [_row_counts(m.param.shape[0], world) for m in matrices]
-        owner = [i % world for i in range(len(matrices))]
-        device, dtype = matrices[0].update.device, self.ns_dtype
+        ms, world, owner, rank = split.matrices, split.world, split.owner, split.rank
+        device, dtype = ms[0].update.device, self.ns_dtype
         send, in_splits = [], []
         for dst in range(world):
-            n_dst = 0
-            for i, result in owned:
-                start = sum(counts[i][:dst])
-                rows = result[start : start + counts[i][dst]]
-                send.append(rows.reshape(-1))
-                n_dst += rows.numel()
-            in_splits.append(n_dst)
+            parts = [_take(result, *split.layouts[i][dst]).reshape(-1) for i, result in owned]
+            send += parts
+            in_splits.append(sum(t.numel() for t in parts))
         out_splits = [
-            sum(
-                counts[i][rank] * matrices[i].param.shape[1]
-                for i in range(len(matrices))
-                if owner[i] == src
-            )
+            sum(split.numel(i, rank) for i in range(len(ms)) if owner[i] == src)
             for src in range(world)
         ]
         flat_in = torch.cat(send) if send else torch.empty(0, dtype=dtype, device=device)
         flat_out = torch.empty(sum(out_splits), dtype=dtype, device=device)
-        dist.all_to_all_single(flat_out, flat_in.contiguous(), out_splits, in_splits, group=pg)
+        dist.all_to_all_single(
+            flat_out, flat_in.contiguous(), out_splits, in_splits, group=split.pg
+        )
         offset = [0] * world
         starts = [sum(out_splits[:src]) for src in range(world)]
-        for i, m in enumerate(matrices):
+        for i, m in enumerate(ms):
             src = owner[i]
-            n = counts[i][rank] * m.param.shape[1]
+            rows, cols = split.layouts[i][rank]
+            n = split.numel(i, rank)
             begin = starts[src] + offset[src]
-            m.result = flat_out[begin : begin + n].view(counts[i][rank], m.param.shape[1])
+            m.result = flat_out[begin : begin + n].view(_extent(rows), _extent(cols))
             offset[src] += n
 
     def _apply(self, m: _Matrix) -> None:

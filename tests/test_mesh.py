@@ -146,7 +146,7 @@ def _worker(out_dir: Path, meshes: list[str], chain: bool) -> None:
 
     torch.set_num_threads(1)
     dist_info = init_distributed("cpu")
-    results: dict = {"losses": {}, "initial_equal": {}}
+    results: dict = {"losses": {}, "initial_equal": {}, "muon_split": {}}
     reference = _full_weights(_build(_config(), _one_process(), ParallelConfig())[0])
     for name in meshes:
         rep, shard, tp, opt = MESHES[name]
@@ -160,6 +160,8 @@ def _worker(out_dir: Path, meshes: list[str], chain: bool) -> None:
         )
         results["losses"][name] = _train(model, optimizer, config, dist_info, parallel,
                                          range(STEPS))  # fmt: skip
+        if opt == "muon":
+            results["muon_split"][name] = _muon_split(optimizer)
         if dist_info.is_main:
             print(f"{name}: {time.perf_counter() - started:.1f} s", flush=True)
     losses = {}
@@ -179,6 +181,16 @@ def _worker(out_dir: Path, meshes: list[str], chain: bool) -> None:
         tmp.write_text(json.dumps(results))
         tmp.rename(out_dir / "results.json")
     destroy_distributed()
+
+
+def _muon_split(optimizer) -> dict:
+    """The number of Muon matrices and how many of them each rank orthogonalized (all steps)."""
+    import torch.distributed as dist
+
+    counts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(counts, optimizer.matrices_orthogonalized)
+    matrices = sum(len(g["params"]) for g in optimizer.param_groups if g["use_muon"])
+    return {"matrices": matrices, "per_rank": counts}
 
 
 def _one_process():
@@ -248,6 +260,20 @@ def _check_mesh(results: dict, reference: dict, name: str) -> None:
     optimizer = MESHES[name][3]
     norm_rtol = 1e-3 if optimizer == "muon" else 1e-4
     _assert_close(reference(optimizer), results["losses"][name], norm_rtol)
+    if optimizer == "muon":
+        _assert_muon_work_is_split(results["muon_split"][name], name)
+
+
+def _assert_muon_work_is_split(split: dict, name: str) -> None:
+    """Each replica group ran the iteration once per matrix and step, and each of its
+    dp_shard x tp ranks only on its round-robin share (a rank doing them all fails)."""
+    replicas, shard, tp, _ = MESHES[name]
+    group = shard * tp
+    n = split["matrices"]
+    assert n > group, split
+    assert sum(split["per_rank"]) == replicas * n * STEPS, split
+    assert max(split["per_rank"]) == -(-n // group) * STEPS, split
+    assert min(split["per_rank"]) == n // group * STEPS, split
 
 
 @pytest.mark.parametrize("name", DEFAULT_MESHES)

@@ -411,6 +411,9 @@ def _fsdp_worker(rank: int, world_size: int, store_path: str) -> None:
                     o.step()
             for p, q in zip(model.parameters(), ref_model.parameters()):
                 torch.testing.assert_close(p.full_tensor(), q, rtol=0, atol=1e-5)
+            # Four matrices of four shapes: each rank ran the iteration on its share only.
+            assert ref_opt.matrices_orthogonalized == 4 * 10
+            assert opt.matrices_orthogonalized == 4 * 10 // world_size
             moved = (ref_model[0].weight - _fsdp_model()[0].weight).abs().max()
             assert moved > 0.05
             buf = opt.state[model[0].weight]["momentum_buffer"]
@@ -419,20 +422,27 @@ def _fsdp_worker(rank: int, world_size: int, store_path: str) -> None:
                 buf.full_tensor(), ref_opt.state[ref_model[0].weight]["momentum_buffer"],
                 rtol=0, atol=1e-6,
             )  # fmt: skip
-        # Column sharding (tensor parallel's Shard(1)) is gathered whole: a plain matrix's step.
+        # Tensor parallel's column split (Shard(1)) and FSDP's interleaved _StridedShard rows
+        # (rank r holds rows of every other block): the owner, rank 0, gathers the whole matrix.
         from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
+        from torch.distributed.tensor.placement_types import _StridedShard
 
         mesh = init_device_mesh("cpu", (world_size,))
         gen = torch.Generator().manual_seed(2)
         full_w, full_g = torch.randn(8, 6, generator=gen), torch.randn(8, 6, generator=gen)
-        w = nn.Parameter(distribute_tensor(full_w.clone(), mesh, [Shard(1)], src_data_rank=None))
-        w.grad = distribute_tensor(full_g.clone(), mesh, [Shard(1)], src_data_rank=None)
-        ref = nn.Parameter(full_w.clone())
-        ref.grad = full_g.clone()
-        Muon([w], backend="torch").step()
-        Muon([ref], backend="torch").step()
-        assert (ref.detach() - full_w).abs().max() > 1e-3
-        torch.testing.assert_close(w.full_tensor(), ref.detach(), rtol=0, atol=1e-6)
+        for placement in (Shard(1), _StridedShard(0, split_factor=2)):
+            w = nn.Parameter(
+                distribute_tensor(full_w.clone(), mesh, [placement], src_data_rank=None)
+            )
+            w.grad = distribute_tensor(full_g.clone(), mesh, [placement], src_data_rank=None)
+            ref = nn.Parameter(full_w.clone())
+            ref.grad = full_g.clone()
+            opt = Muon([w], backend="torch")
+            opt.step()
+            Muon([ref], backend="torch").step()
+            assert (ref.detach() - full_w).abs().max() > 1e-3
+            torch.testing.assert_close(w.full_tensor(), ref.detach(), rtol=0, atol=1e-6)
+            assert opt.matrices_orthogonalized == (1 if rank == 0 else 0), placement
     finally:
         dist.destroy_process_group()
 
