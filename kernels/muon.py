@@ -40,7 +40,9 @@ data, so each replica group runs the same split independently and no byte crosse
 dim. Splitting over the replicas too would cut the iteration's FLOPs by another factor of
 ``dp_replicate`` but needs a broadcast of every result across that dim — the slow, inter-node one
 under HSDP — every step, a bf16 copy of each rank's shard. ``matrices_orthogonalized`` counts the matrices this rank ran the iteration on. A DTensor of any other placement (a partial
-sum) is gathered whole on every rank, orthogonalized there, and each rank keeps its part.
+sum, or a split over several dims of a mesh that lacks some ranks, whose flattened group not every
+rank could create alike) is gathered whole on every rank, orthogonalized there, and each rank keeps
+its part.
 """
 
 from __future__ import annotations
@@ -92,17 +94,29 @@ def _placement(p: torch.Tensor) -> tuple[str, Any]:
     """("local", None) for a matrix whole on this rank (a plain tensor, or replicated on every
     mesh dim); ("split", (mesh, shard_dims)) for a DTensor whose rows and/or columns are split
     over the mesh dims ``shard_dims`` (FSDP2, HSDP, tensor parallel, FSDP's _StridedShard);
-    ("gather", None) for anything else (a partial sum), which every rank gathers whole."""
+    ("gather", None) for anything else (a partial sum, or a split over several dims of a mesh
+    that lacks some ranks), which every rank gathers whole."""
     mesh = getattr(p, "device_mesh", None)
     if mesh is None:
         return "local", None
     placements = tuple(p.placements)
-    shard_dims = tuple(d for d, pl in enumerate(placements) if not pl.is_replicate())
+    shard_dims = tuple(
+        d for d, pl in enumerate(placements) if not pl.is_replicate() and mesh.size(d) > 1
+    )
     if not shard_dims:
-        return "local", None
-    if all(_is_matrix_shard(placements[d]) for d in shard_dims):
-        return "split", (mesh, shard_dims)
-    return "gather", None
+        return "local", None  # replicated, or split over dims of one rank (a single GPU's mesh)
+    if not all(_is_matrix_shard(placements[d]) for d in shard_dims):
+        return "gather", None
+    if len(shard_dims) > 1 and not _covers_the_world(mesh):
+        return "gather", None  # its groups could not be created by every rank alike
+    return "split", (mesh, shard_dims)
+
+
+def _covers_the_world(mesh) -> bool:
+    """Whether ``mesh`` holds every rank (then every rank builds its flattened groups alike)."""
+    import torch.distributed as dist
+
+    return mesh.mesh.numel() == dist.get_world_size()
 
 
 def _whole(p, local_update: torch.Tensor) -> torch.Tensor:
