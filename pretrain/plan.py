@@ -224,20 +224,22 @@ def layer_activation_bytes(s: _Shape, mode: str, act_bytes: int) -> float:
     keeps no T x T scores, SwiGLU has two input projections, grouped-query attention has
     ``d_kv`` wide keys and values). With tensor parallel ``t`` and sequence parallel norms, every
     tensor is split ``t`` ways except the norm outputs gathered for the column-parallel products
-    (``none``) and the partial sums of the row-parallel products (``selective``):
+    (``none``):
 
     - ``none``: ``(4d + 2 d_kv + 3f) / t + 2d`` elements (norm inputs, attention q/k/v/output,
       gate/up/SwiGLU output; the two gathered norm outputs), plus fp32 statistics (two RMSNorm
       ``rstd`` and the attention log-sum-exp per head);
-    - ``selective``: the block input and what the policy saves, the outputs of the matrix
-      products and of attention: ``(2d + 2 d_kv + 2f) / t + 2d``;
+    - ``selective``: what the policy saves, the outputs of the matrix products and of
+      attention (q/k/v, attention output, gate/up, o and down, the last two after their
+      reduce-scatter under tensor parallel): ``(4d + 2 d_kv + 2f) / t`` elements, plus the
+      attention log-sum-exp;
     - ``full``: the block input alone, ``d / t``.
     """
     t = s.tp
     if mode == "full":
         return act_bytes * s.d / t
     if mode == "selective":
-        return act_bytes * ((2 * s.d + 2 * s.d_kv + 2 * s.f) / t + 2 * s.d)
+        return act_bytes * (4 * s.d + 2 * s.d_kv + 2 * s.f) / t + 4 * s.heads / t
     stats = 4 * (2 + s.heads) / t
     return act_bytes * ((4 * s.d + 2 * s.d_kv + 3 * s.f) / t + 2 * s.d) + stats
 

@@ -101,6 +101,9 @@ def test_llama_70b_on_256_gpus_agrees_with_an_independent_count(root):
     check_against_independent_count(plan, config, 256)
     assert plan.fits
     assert {c.group for c in plan.collectives} >= {"dp_shard", "tp"}
+    # and selective AC under TP: the recompute reruns no reduce-scatter (a small model's plan)
+    selective = small_config(root, *TP_OVERRIDES, "--train.activation_checkpointing", "selective")
+    check_tensor_parallel_collectives(make_plan(selective, 256), selective)
 
 
 def test_plan_json_and_a_plan_that_does_not_fit(root, capsys):
@@ -139,11 +142,14 @@ def small_config(root, *overrides):
     )  # fmt: skip
 
 
+TP_OVERRIDES = ["--parallel.dp_replicate", "2", "--parallel.tp", "2",
+                "--train.global_batch_size", "256"]  # fmt: skip
+
+
 def test_dry_run_of_one_step_at_256_ranks(root, tmp_path, monkeypatch, capsys):
     """The trainer runs a step as rank 0 of 256 fake ranks (HSDP x TP), writes nothing, and
     the optimizer states it measures after the step are the plan's."""
-    overrides = ["--parallel.dp_replicate", "2", "--parallel.tp", "2",
-                 "--train.global_batch_size", "256"]  # fmt: skip
+    overrides = TP_OVERRIDES
     config = small_config(root, *overrides, "--train.dry_run", "true")
     monkeypatch.setenv("WORLD_SIZE", "256")
     out = tmp_path / "run"
@@ -165,16 +171,23 @@ def check_tensor_parallel_collectives(plan, config) -> None:
     an all-gather into q/k/v (gate/up) and a reduce-scatter out of o (down); backward, the
     reverse. The input gradients of q/k/v (gate/up) add up before one reduce-scatter; an
     all-reduce per product (five per block) would send five times as much. The only TP
-    all-reduces left are the norms' weight gradients."""
+    all-reduces left are the norms' weight gradients. Selective AC keeps the reduce-scattered
+    outputs (the backward's recompute sends none of them again) and reruns the two
+    all-gathers."""
     m, t = config.model, config.train
     accum = config.train.global_batch_size // (t.micro_batch_size * 128)  # 2 x 64 data ranks
     tp_rows = {c.name.split(" (")[0]: c for c in plan.collectives if c.group == "tp"}
-    # per micro-batch: 4 per block (AC none, so no recomputation) and 1 for the embedding's
-    # output (were each product to take a plain tensor, it would be 2 per block, and the
-    # backward's input gradients 5 all-reduces of the whole activation)
+    assert t.activation_checkpointing in ("none", "selective")
+    # per micro-batch: 4 per block (none in a selective recompute: the saved outputs are reused)
+    # and 1 for the embedding's output (were each product to take a plain tensor, it would be 2
+    # per block, and the backward's input gradients 5 all-reduces of the whole activation)
     per_block = (tp_rows["reduce-scatter"].calls / accum - 1) / m.n_layers
     backward = per_block - 2  # the forward's two: out of o and out of down
     assert backward == 2  # at most 2, and 2 it must be: one into attention, one into the MLP
+    # all-gathers: 2 a block forward (into q/k/v, gate/up), 2 backward (the gradients of the
+    # reduce-scatters), 2 in a selective recompute; 1 into the head, 1 for the embedding's grad
+    rerun = 2 if t.activation_checkpointing == "selective" else 0
+    assert tp_rows["all-gather"].calls / accum == (4 + rerun) * m.n_layers + 2
     activation_bytes = t.micro_batch_size * config.data.seq_len * m.d_model * 4
     norm_bytes = m.d_model * 4
     assert tp_rows["all-reduce"].bytes_per_call <= norm_bytes < activation_bytes
