@@ -32,6 +32,7 @@ MESHES = {  # name: (dp_replicate, dp_shard, tp, optimizer)
     "tp2_fsdp2_muon": (1, 2, 2, "muon"),
 }
 DEFAULT_MESHES = ["tp2_fsdp2"]  # one launch in the default suite; the rest are slow
+SELECTIVE_AC = {"tp2_fsdp2"}  # trained under selective activation checkpointing, the rest none
 SLOW_MESHES = [name for name in MESHES if name not in DEFAULT_MESHES]
 RESUME_CHAIN = [("fsdp4", 0, 3), ("hsdp2x2", 3, 6), ("tp2_fsdp2", 6, 8)]  # then 1 process: 8-10
 
@@ -76,7 +77,7 @@ def _optimizer(model, config):
     return kernels.AdamW(groups, lr=config.train.lr, betas=(opt.beta1, opt.beta2), eps=opt.eps)
 
 
-def _build(config, dist_info, parallel):
+def _build(config, dist_info, parallel, ac: str = "none"):
     """The trainer's way: built on the meta device, parallelized, then each rank's shards
     initialized (the same weights on every mesh)."""
     from pretrain.initialize import materialize
@@ -85,7 +86,7 @@ def _build(config, dist_info, parallel):
 
     with torch.device("meta"):
         model = Transformer(config.model)
-    model = parallelize(model, dist_info, parallel)
+    model = parallelize(model, dist_info, parallel, activation_checkpointing=ac)
     materialize(model, dist_info.device, seed=0)
     return model, _optimizer(model, config)
 
@@ -153,7 +154,8 @@ def _worker(out_dir: Path, meshes: list[str], chain: bool) -> None:
         started = time.perf_counter()
         parallel = ParallelConfig(dp_replicate=rep, dp_shard=shard, tp=tp)
         config = _config(opt)
-        model, optimizer = _build(config, dist_info, parallel)
+        ac = "selective" if name in SELECTIVE_AC else "none"
+        model, optimizer = _build(config, dist_info, parallel, ac)
         initial = _full_weights(model)
         results["initial_equal"][name] = all(
             torch.equal(initial[k], reference[k]) for k in reference
