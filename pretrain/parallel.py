@@ -276,16 +276,28 @@ def _selective_policy(ctx, op, *args, **kwargs):
     (see :func:`_saved_ops`)."""
     from torch.utils.checkpoint import CheckpointPolicy
 
-    if op in _saved_ops() and not _is_partial_sum(ctx.op_output):
+    if op in _saved_ops() and not _is_partial_sum(ctx, op, args):
         return CheckpointPolicy.MUST_SAVE
     return CheckpointPolicy.PREFER_RECOMPUTE
 
 
-def _is_partial_sum(output) -> bool:
-    """Whether an op's output is a DTensor holding unreduced partial sums."""
-    from torch.distributed.tensor import DTensor
+def _is_partial_sum(ctx, op, args: tuple) -> bool:
+    """Whether an op's output is a DTensor of unreduced partial sums. Read from the output where
+    the context carries it; a PyTorch whose context has no ``op_output`` asks the policy before
+    running the op, and there a matmul's output is partial when both operands are split along
+    the contracted dimension."""
+    from torch.distributed.tensor import DTensor, Shard
 
-    return isinstance(output, DTensor) and any(p.is_partial() for p in output.placements)
+    out = getattr(ctx, "op_output", None)
+    if out is not None:
+        return isinstance(out, DTensor) and any(p.is_partial() for p in out.placements)
+    if op not in (torch.ops.aten.mm.default, torch.ops.aten.bmm.default):
+        return False
+    a, b = args[0], args[1]
+    if not (isinstance(a, DTensor) and isinstance(b, DTensor)):
+        return False
+    contracted = (Shard(a.ndim - 1), Shard(b.ndim - 2))
+    return any((pa, pb) == contracted for pa, pb in zip(a.placements, b.placements, strict=True))
 
 
 @lru_cache(maxsize=1)
