@@ -275,7 +275,8 @@ def test_model_training_with_triton_attention_matches_reference(monkeypatch, req
         monkeypatch.setattr(kernels, "attention", functools.partial(attention, backend=backend))
         torch.manual_seed(0)
         model = Transformer(cfg)
-        opt = torch.optim.SGD(model.parameters(), lr=2.0)
+        # A rate at which the loss falls: a diverging run magnifies fp32 rounding past any bound.
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
         losses = []
         for _ in range(4):
             loss = model(inputs, targets, doc_ids=doc_ids)
