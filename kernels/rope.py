@@ -32,39 +32,20 @@ def rope_cos_sin(
     head_dim: int,
     theta: float = 10000.0,
     *,
-    scaling: str = "none",
-    factor: float = 1.0,
-    low_freq_factor: float = 1.0,
-    high_freq_factor: float = 4.0,
-    original_max_len: int = 0,
-    beta_fast: float = 32.0,
-    beta_slow: float = 1.0,
-    truncate: bool = True,
     attention_factor: float = 1.0,
+    **scaling: Any,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of shape (*positions.shape, head_dim // 2), in fp32.
 
-    ``scaling`` stretches the frequencies to a longer context: ``"linear"`` divides every one by
-    ``factor`` (position interpolation); ``"llama3"`` divides only the low frequencies (waves
+    The other keywords go to :func:`rope_inv_freq`. Its ``scaling`` stretches the frequencies to
+    a longer context: ``"linear"`` divides every one by ``factor`` (position interpolation); ``"llama3"`` divides only the low frequencies (waves
     longer than ``original_max_len / low_freq_factor``), keeps the high ones (shorter than
     ``original_max_len / high_freq_factor``) and blends in between, as Llama 3.1 does;
     ``"yarn"`` blends between dimensions that turn ``beta_fast`` and ``beta_slow`` times over
     ``original_max_len``. Both tables are multiplied by ``attention_factor`` (YaRN's scale of the
     attention logits, which q and k each take half of through the rotation).
     """
-    inv_freq = rope_inv_freq(
-        head_dim,
-        theta,
-        positions.device,
-        scaling=scaling,
-        factor=factor,
-        low_freq_factor=low_freq_factor,
-        high_freq_factor=high_freq_factor,
-        original_max_len=original_max_len,
-        beta_fast=beta_fast,
-        beta_slow=beta_slow,
-        truncate=truncate,
-    )
+    inv_freq = rope_inv_freq(head_dim, theta, positions.device, **scaling)
     angles = positions.to(torch.float32)[..., None] * inv_freq
     if attention_factor == 1.0:
         return angles.cos(), angles.sin()
