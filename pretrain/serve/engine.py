@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -64,7 +65,7 @@ class NeverFits(Exception):
 class SamplingParams:
     """What one request asked for; validated by the HTTP layer before it gets here."""
 
-    max_tokens: int = 16
+    max_tokens: int = 16  # 0: read the prompt and end, sampling nothing (scoring)
     temperature: float = 1.0  # 0: greedy
     top_p: float = 1.0
     top_k: int = 0  # 0: off
@@ -415,7 +416,22 @@ class Engine:
                 logprobs, targets, request.params.logprobs or 0
             )
         if request.prefilled:
-            self._sample([request], logits[:, -1])
+            if request.params.max_tokens == 0:
+                self._finish_scored(request)
+            else:
+                self._sample([request], logits[:, -1])
+
+    def _finish_scored(self, request: Request) -> None:
+        """End a request that asked for no tokens (scoring a prompt, echo with max_tokens 0) once
+        its prompt is read: nothing is sampled, the prompt's log-probabilities are its output."""
+        out = StepOutput([], "", [])
+        if request.params.prompt_logprobs:
+            scored = request.prompt_logprobs[1:]
+            if not all(math.isfinite(e.logprob) for e in scored):
+                self._fail(request, "the model's output for this prompt is not finite (NaN or inf)")
+                return
+            out.prompt_logprobs = request.prompt_logprobs
+        self._finish(request, "length", last=out)
 
     def _decode(self, requests: list[Request]) -> None:
         try:

@@ -43,10 +43,11 @@ class Prepared:
     echo_texts: list[str] = field(default_factory=list)
 
 
-# Scoring clients (lm-eval's loglikelihood) ask for one token and read the prompt's logprobs.
+# Scoring clients (the legacy OpenAI API's, lm-eval's loglikelihood) send echo, logprobs and
+# max_tokens 0 (or 1) and read the prompt's logprobs.
 SCORING_HINT = (
-    "; to score a prompt, send it with echo, logprobs and max_tokens 1, and read the prompt's "
-    "token_logprobs (the last entry is the generated token)"
+    "; max_tokens 0 is only for scoring a prompt: send it with echo true and logprobs, and read "
+    "the prompt's token_logprobs"
 )
 
 
@@ -60,7 +61,8 @@ def _parse_generation(state: ServerState, model_cls, raw: bytes):
 
 def _check_prompts_fit(state: ServerState, req, prompts) -> None:
     """A prompt longer than the context is refused naming both lengths, before max_tokens is
-    looked at: a scoring request (echo, max_tokens 0 or 1) learns what to cut."""
+    looked at: a scoring request (echo, max_tokens 0 or 1) learns what to cut, and a bad
+    max_tokens is not reported for a prompt that could not be served anyway."""
     max_len = state.loaded.max_len
     for _, ids in prompts:
         if len(ids) > max_len:
@@ -69,20 +71,39 @@ def _check_prompts_fit(state: ServerState, req, prompts) -> None:
 
 
 def _completion_budget(state: ServerState, asked: int | None, prompt_len: int, what: str) -> int:
-    """The tokens to generate: as asked, else up to the end of the context; over it is a 400."""
+    """The tokens to generate: as asked, else up to the end of the context; over it is a 400.
+
+    Only an explicit 0 (scoring) may leave no room for a token: the rest of the context of a
+    prompt that fills it is nothing to generate."""
     max_len = state.loaded.max_len
     max_tokens = asked if asked is not None else max_len - prompt_len
-    if prompt_len + max(max_tokens, 1) > max_len:
+    if prompt_len + (0 if asked == 0 else max(max_tokens, 1)) > max_len:
         raise context_error(max_len, prompt_len, max_tokens, what)
     return max_tokens
+
+
+def _check_completion_max_tokens(req: CompletionRequest) -> None:
+    """At least 1, or 0 with echo: the prompt is read and scored, and nothing is generated (as
+    OpenAI's legacy completions and vLLM do)."""
+    if req.echo:
+        if req.max_tokens is not None and req.max_tokens < 0:
+            raise APIError(
+                400,
+                f"max_tokens must be at least 0 with echo, got {req.max_tokens} (0 scores the "
+                "prompt without generating)",
+                param="max_tokens",
+            )
+    else:
+        check_max_tokens(req.max_tokens, hint=SCORING_HINT if req.max_tokens == 0 else "")
 
 
 def prepare_completion(state: ServerState, raw: bytes) -> Prepared:
     req = _parse_generation(state, CompletionRequest, raw)
     check_logprobs(req.logprobs, "logprobs")
-    prompts = state.prompts(req.prompt)
+    scoring = req.echo and req.max_tokens == 0
+    prompts = state.prompts(req.prompt, room=0 if scoring else 1)
     _check_prompts_fit(state, req, prompts)
-    check_max_tokens(req.max_tokens, hint=SCORING_HINT if req.echo else "")
+    _check_completion_max_tokens(req)
     specs = []
     for _, ids in prompts:
         max_tokens = _completion_budget(state, req.max_tokens, len(ids), "prompt")
@@ -151,17 +172,22 @@ def _sampling_params(req, max_tokens: int, logprobs, *, choice: int, echo=False)
 # --------------------------------------------------------------------------- answers
 
 
-def _completion_logprobs(state, entries, offset: int) -> dict:
-    """OpenAI's legacy completion logprobs: parallel lists, text offsets into the choice text."""
+def _completion_logprobs(state, entries, offset: int, first_id: int | None = None) -> dict:
+    """OpenAI's legacy completion logprobs: parallel lists, text offsets into the choice text.
+
+    An echoed prompt's first entry is None (nothing comes before it to predict it); its token,
+    ``first_id``, still takes its place in the text, so the next offset starts after it.
+    """
     tokens, token_logprobs, top, offsets = [], [], [], []
     for e in entries:
-        text = state.token_text(e.token_id) if e is not None else None
         offsets.append(offset)
-        if e is None:  # the first prompt token has nothing before it
+        if e is None:
             tokens.append(None)
             token_logprobs.append(None)
             top.append(None)
+            offset += len(state.token_text(first_id)) if first_id is not None else 0
             continue
+        text = state.token_text(e.token_id)
         tokens.append(text)
         token_logprobs.append(e.logprob)
         top.append({state.token_text(t): lp for t, lp in e.top})
@@ -204,7 +230,8 @@ def completion_response(
         logprobs = None
         if req.logprobs is not None:
             entries = (r["prompt_logprobs"] or []) if req.echo else []
-            logprobs = _completion_logprobs(state, entries + r["logprobs"], 0)
+            first_id = prep.specs[i][0][0]
+            logprobs = _completion_logprobs(state, entries + r["logprobs"], 0, first_id)
         choices.append(
             {"index": i, "text": text, "logprobs": logprobs, "finish_reason": r["finish"]}
         )
@@ -243,35 +270,29 @@ def chat_response(state: ServerState, prep: Prepared, results: list[dict], meta:
 def completion_stream(
     state: ServerState, gen: Generation, prep: Prepared, meta: dict
 ) -> AsyncIterator[bytes]:
-    """``/v1/completions`` with ``stream``: the echoed prompts first, then text as it comes."""
+    """``/v1/completions`` with ``stream``: text as it comes; with ``echo``, each choice's first
+    chunk starts with its prompt and the prompt's logprobs (as vLLM streams it), which exist only
+    once the prompt is read. With ``max_tokens`` 0 that first chunk is also the last."""
     req = prep.req
     offsets = [0] * len(gen.requests)  # where each choice's next text starts, for text_offset
-    opening = []
-    if req.echo:
-        for i in range(len(gen.requests)):
-            text = prep.echo_texts[i // req.n]
-            offsets[i] = len(text)
-            opening.append({"index": i, "text": text, "logprobs": None, "finish_reason": None})
+    echo_pending = [req.echo] * len(gen.requests)
 
     def chunk(i: int, out) -> dict | None:
-        entries = list(out.logprobs)
-        if req.echo and out.prompt_logprobs is not None:
-            entries = list(out.prompt_logprobs) + entries
-        if not out.text and out.finish_reason is None and not entries:
+        text, entries = out.text, list(out.logprobs)
+        if echo_pending[i]:
+            echo_pending[i] = False
+            text = prep.echo_texts[i // req.n] + text
+            entries = list(out.prompt_logprobs or []) + entries
+        if not text and out.finish_reason is None and not entries:
             return None  # nothing to send yet (half a character, or text held for a stop)
         logprobs = None
         if req.logprobs is not None:
-            logprobs = _completion_logprobs(state, entries, offsets[i])
-        offsets[i] += len(out.text)
-        return {
-            "index": i,
-            "text": out.text,
-            "logprobs": logprobs,
-            "finish_reason": out.finish_reason,
-        }
+            logprobs = _completion_logprobs(state, entries, offsets[i], prep.specs[i][0][0])
+        offsets[i] += len(text)
+        return {"index": i, "text": text, "logprobs": logprobs, "finish_reason": out.finish_reason}
 
     base = {"object": "text_completion", **meta}
-    return _sse(gen, base, opening, chunk, prep.prompt_tokens, _include_usage(req))
+    return _sse(gen, base, [], chunk, prep.prompt_tokens, _include_usage(req))
 
 
 def chat_stream(

@@ -171,8 +171,9 @@ class ServerState:
         if bad:
             raise APIError(400, f"token ids out of range [0, {vocab}): {bad[:5]}", param=param)
 
-    def prompts(self, prompt) -> list[tuple[str | None, list[int]]]:
-        """(text or None, ids) per prompt of a completion request, in order."""
+    def prompts(self, prompt, room: int = 1) -> list[tuple[str | None, list[int]]]:
+        """(text or None, ids) per prompt of a completion request, in order; a text that cannot
+        fit with ``room`` tokens to spare is refused unread."""
         if isinstance(prompt, str):
             items = [prompt]
         elif not prompt:
@@ -184,7 +185,9 @@ class ServerState:
         out = []
         for item in items:
             if isinstance(item, str):
-                ids = self.encode(item) or self.loaded.eos_ids[:1]  # "" starts a document
+                ids = (
+                    self.encode(item, room=room) or self.loaded.eos_ids[:1]
+                )  # "" starts a document
                 out.append((item, ids))
             else:
                 if not item:
