@@ -185,9 +185,8 @@ class ServerState:
         out = []
         for item in items:
             if isinstance(item, str):
-                ids = (
-                    self.encode(item, room=room) or self.loaded.eos_ids[:1]
-                )  # "" starts a document
+                # "" starts a document
+                ids = self.encode(item, room=room) or self.loaded.eos_ids[:1]
                 out.append((item, ids))
             else:
                 if not item:
