@@ -349,6 +349,7 @@ class ParallelConfig:
 LORA_TARGETS: tuple[str, ...] = (
     "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
 )  # fmt: skip
+LORA_HEAD = "lm_head"  # an optional target, off by default: the output head
 
 
 @dataclass
@@ -372,11 +373,12 @@ class LoRAConfig:
         _fraction("finetune.lora.dropout", self.dropout, below_one=True)
         if not self.targets:
             _refuse("finetune.lora.targets", self.targets, "a list of " + ", ".join(LORA_TARGETS))
+        known = [*LORA_TARGETS, LORA_HEAD]
         for name in self.targets:
-            if name not in LORA_TARGETS:
+            if name not in known:
                 raise ConfigError(
                     f"finetune.lora.targets: unknown projection {name!r}; the targets are "
-                    f"{', '.join(LORA_TARGETS)}{_suggest(name, list(LORA_TARGETS))}"
+                    f"{', '.join(known)}{_suggest(name, known)}"
                 )
 
 

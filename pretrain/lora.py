@@ -39,7 +39,7 @@ from pretrain.checkpoint import (
     find_checkpoint,
     read_metadata,
 )
-from pretrain.config import Config, ConfigError, LoRAConfig, ModelConfig, load_config
+from pretrain.config import LORA_HEAD, Config, ConfigError, LoRAConfig, ModelConfig, load_config
 from pretrain.errors import UserError
 from pretrain.model import ParamInit, Transformer
 
@@ -94,6 +94,12 @@ class LoRALinear(nn.Module):
             return ParamInit(fill=0.0)
         return None
 
+    def effective_weight(self) -> torch.Tensor:
+        """``W + scaling * B A``, differentiable in the adapters: the weight a fused
+        ``linear_cross_entropy`` needs when this layer is the model's head."""
+        delta = self.lora_B.weight @ self.lora_A.weight
+        return self.weight.to(delta.dtype) + self.scaling * delta
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
         y = F.linear(x, self.weight.to(x.dtype), bias)
@@ -131,6 +137,11 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
         raise ConfigError("finetune.lora.rank must be >= 1 to apply LoRA")
     for p in model.parameters():
         p.requires_grad_(False)
+    if LORA_HEAD in cfg.targets and model.lm_head.weight is model.embed_tokens.weight:
+        raise ConfigError(
+            f"finetune.lora.targets names {LORA_HEAD}, but this model's head is its embedding "
+            "(model.tie_embeddings = true), which LoRA keeps frozen: drop lm_head from the targets"
+        )
     sites = _targets(model, cfg.targets)
     if not sites:
         raise ConfigError(
@@ -278,8 +289,13 @@ def merged_weights(
 
 
 def peft_names(adapters: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Our adapter names as PEFT saves them for a ``LlamaForCausalLM``."""
-    return {PEFT_PREFIX + name: t.contiguous() for name, t in adapters.items()}
+    """Our adapter names as PEFT saves them for a ``LlamaForCausalLM`` (whose head sits beside
+    its ``model``, not in it)."""
+    head_prefix = PEFT_PREFIX.removesuffix("model.")
+    return {
+        (head_prefix if name.startswith(f"{LORA_HEAD}.") else PEFT_PREFIX) + name: t.contiguous()
+        for name, t in adapters.items()
+    }
 
 
 def peft_config(cfg: LoRAConfig, base: str) -> dict:

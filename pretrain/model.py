@@ -287,8 +287,9 @@ class Transformer(nn.Module):
         if targets is None:
             return (self.lm_head if head is None else head)(x).float()
         return kernels.linear_cross_entropy(
-            x.reshape(B * T, -1), self.lm_head.weight, targets.reshape(B * T), reduction=reduction
-        )
+            x.reshape(B * T, -1), head_weight(self.lm_head), targets.reshape(B * T),
+            reduction=reduction,
+        )  # fmt: skip
 
     def num_params(self, non_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
@@ -362,6 +363,13 @@ def fuse_projections(model: Transformer) -> Transformer:
         if mlp.gate_up_proj is None:
             mlp.gate_up_proj = FusedLinear(mlp.gate_proj, mlp.up_proj)
     return model.eval()
+
+
+def head_weight(head: nn.Module) -> torch.Tensor:
+    """The head's weight matrix for the fused loss: its ``weight``, or the ``effective_weight()``
+    of a head wrapped from outside the model (a LoRA head adds its adapters' product)."""
+    effective = getattr(head, "effective_weight", None)
+    return head.weight if effective is None else effective()
 
 
 def product_weights(model: Transformer, *, head: bool = True) -> list[torch.Tensor]:

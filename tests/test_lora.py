@@ -23,7 +23,14 @@ from finetune_helpers import (
 
 from pretrain import cli
 from pretrain.checkpoint import find_checkpoint
-from pretrain.config import Config, ConfigError, LoRAConfig, config_to_toml, load_config
+from pretrain.config import (
+    LORA_TARGETS,
+    Config,
+    ConfigError,
+    LoRAConfig,
+    config_to_toml,
+    load_config,
+)
 from pretrain.errors import UserError
 from pretrain.export import init_from, load_model
 from pretrain.lora import (
@@ -34,6 +41,7 @@ from pretrain.lora import (
     adapter_parameters,
     apply_lora,
     merge_lora,
+    peft_names,
     read_adapters,
 )
 from pretrain.model import Transformer, fuse_projections
@@ -41,6 +49,7 @@ from pretrain.optim import build_optimizer
 
 FAST = ["--train.global_batch_size", "4", "--train.micro_batch_size", "2", "--eval.every", "0"]
 LORA = ["--finetune.lora.rank", "2", "--finetune.lora.alpha", "8", "--train.lr", "1e-2"]
+WITH_HEAD = [*LORA_TARGETS, "lm_head"]
 
 
 @pytest.fixture(scope="module")
@@ -114,10 +123,12 @@ def test_adapters_start_at_the_base_and_only_they_change():
     assert not torch.equal(_logits(model, tokens), before)
 
 
-def test_merged_model_equals_the_adapted_one_and_still_fuses():
+@pytest.mark.parametrize("targets", [list(LORA_TARGETS), WITH_HEAD], ids=["blocks", "with-head"])
+def test_merged_model_equals_the_adapted_one_and_still_fuses(targets):
     torch.manual_seed(0)
     cfg = small_model_config(d_model=64, attention_bias=True)
-    model = apply_lora(Transformer(cfg), LoRAConfig(rank=4, alpha=8.0, dropout=0.1))
+    lora_cfg = LoRAConfig(rank=4, alpha=8.0, dropout=0.1, targets=targets)
+    model = apply_lora(Transformer(cfg), lora_cfg)
     with torch.no_grad():
         for p in adapter_parameters(model).values():
             p.normal_(0, 0.05)
@@ -130,6 +141,42 @@ def test_merged_model_equals_the_adapted_one_and_still_fuses():
     torch.testing.assert_close(
         _logits(fuse_projections(merged), tokens), adapted, rtol=0, atol=1e-5
     )
+
+
+def test_a_lora_head_trains_through_the_fused_loss():
+    """The training loss (``linear_cross_entropy`` on the head's weight) sees the head's
+    adapters: it equals cross-entropy of the adapted logits, and its gradient reaches them."""
+    torch.manual_seed(0)
+    cfg = small_model_config(d_model=64)
+    model = apply_lora(Transformer(cfg), LoRAConfig(rank=4, alpha=8.0, targets=WITH_HEAD))
+    head = model.lm_head
+    assert isinstance(head, LoRALinear) and not head.weight.requires_grad
+    with torch.no_grad():
+        head.lora_B.weight.normal_(0, 0.5)
+    tokens = _tokens(cfg)
+    targets = tokens.roll(-1, 1)
+    logits = model(tokens)
+    reference = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+    loss = model(tokens, targets)
+    torch.testing.assert_close(loss, reference, rtol=0, atol=1e-5)
+    loss.backward()
+    assert head.lora_A.weight.grad.abs().max() > 0 and head.lora_B.weight.grad.abs().max() > 0
+    assert head.weight.grad is None
+
+
+def test_a_lora_head_on_a_tied_embedding_is_refused():
+    model = Transformer(small_model_config(d_model=64, tie_embeddings=True))
+    with pytest.raises(ConfigError, match="head is its embedding .* drop lm_head"):
+        apply_lora(model, LoRAConfig(rank=4, targets=WITH_HEAD))
+
+
+def test_peft_names_put_the_head_beside_the_model():
+    names = peft_names({"layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(1),
+                        "lm_head.lora_B.weight": torch.zeros(1)})  # fmt: skip
+    assert sorted(names) == [
+        "base_model.model.lm_head.lora_B.weight",
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight",
+    ]
 
 
 def test_a_bf16_base_halves_the_frozen_weights_and_keeps_fp32_adapters():
@@ -230,9 +277,15 @@ def test_a_changed_base_is_refused(run, tmp_path):
 
 
 @pytest.mark.slow  # importing transformers and peft alone takes ~15 s on 2 cores
-def test_peft_loads_the_adapters_onto_the_transformers_base(base, run, tmp_path):
+@pytest.mark.parametrize("head", [False, True], ids=["blocks", "with-head"])
+def test_peft_loads_the_adapters_onto_the_transformers_base(base, run, tmp_path, head):
     peft = pytest.importorskip("peft")
     from transformers import LlamaForCausalLM
+
+    if head:  # a run of its own whose targets include the head
+        targets = ["--finetune.lora.targets", ",".join(WITH_HEAD)]
+        assert finetune(*_args(base, steps=2), *targets, "--out", tmp_path / "run-head") == 0
+        run = tmp_path / "run-head"
 
     out = tmp_path / "adapter"
     assert cli.main(["export", str(run), "--out", str(out), "--lora-only"]) == 0
