@@ -8,7 +8,8 @@ asked the same held-out prompts through ``pretrain generate``:
 
 - ``full``: every weight trained (the recipe's learning rate);
 - ``lora``: rank ``--rank`` adapters on q/k/v/o and gate/up/down, base frozen in fp32;
-- ``lora-bf16``: the same with the frozen projections kept in bf16 (``finetune.lora.base_dtype``).
+- ``lora-head``: the same plus an adapter on the output head (``lm_head`` among the targets);
+- ``lora-bf16``: ``lora`` with the frozen projections kept in bf16 (``finetune.lora.base_dtype``).
 
 Reported per mode: the peak resident memory of the fine-tuning process (``wait4``'s
 ``ru_maxrss``: the whole process, Python and torch included), the bytes of the training state
@@ -30,6 +31,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,7 +41,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import torch  # noqa: E402
 from finetune_demo import accuracy, export, pretrain_cli, toy_rows, write_jsonl  # noqa: E402
 
-from pretrain.config import LoRAConfig, ModelConfig  # noqa: E402
+from pretrain.config import LORA_HEAD, LoRAConfig, ModelConfig  # noqa: E402
 from pretrain.finetune import read_init  # noqa: E402
 from pretrain.lora import adapter_count  # noqa: E402
 from pretrain.model import Transformer  # noqa: E402
@@ -47,14 +49,24 @@ from pretrain.model import Transformer  # noqa: E402
 LOG_EVERY = 5  # steps per timing window
 
 
-def modes(rank: int, lora_lr: float) -> dict[str, list[str]]:
-    lora = ["--finetune.lora.rank", str(rank), "--finetune.lora.alpha", str(2 * rank)]
-    lora += ["--train.lr", str(lora_lr)]
+def modes(rank: int) -> dict[str, LoRAConfig | None]:
+    """Each mode's adapters (None: full fine-tuning), alpha twice the rank."""
+    blocks = LoRAConfig(rank=rank, alpha=2.0 * rank)
     return {
-        "full": [],
-        "lora": lora,
-        "lora-bf16": [*lora, "--finetune.lora.base_dtype", "bf16"],
+        "full": None,
+        "lora": blocks,
+        "lora-head": replace(blocks, targets=[*blocks.targets, LORA_HEAD]),
+        "lora-bf16": replace(blocks, base_dtype="bf16"),
     }
+
+
+def lora_args(lora: LoRAConfig | None, lr: float) -> list[str]:
+    """The ``pretrain finetune`` overrides of a mode (full fine-tuning keeps the recipe's lr)."""
+    if lora is None:
+        return []
+    return ["--finetune.lora.rank", str(lora.rank), "--finetune.lora.alpha", str(lora.alpha),
+            "--finetune.lora.targets", ",".join(lora.targets),
+            "--finetune.lora.base_dtype", lora.base_dtype, "--train.lr", str(lr)]  # fmt: skip
 
 
 def num_params(model: ModelConfig) -> int:
@@ -147,27 +159,24 @@ def main(argv: list[str] | None = None) -> dict:
     write_jsonl(train_rows, work / "train.jsonl")
 
     results = {}
-    chosen = modes(args.rank, args.lora_lr)
+    chosen = modes(args.rank)
     if args.only:
         chosen = {k: v for k, v in chosen.items() if k in args.only.split(",")}
-    for name, extra in chosen.items():
+    for name, lora in chosen.items():
         out = work / name
         shutil.rmtree(out, ignore_errors=True)
         print(f"==> {name}: fine-tuning", flush=True)
         argv = ["--init-from", str(base), "--data", str(work / "train.jsonl"), "--out", str(out),
                 "--config", "configs/sft-tiny.toml", "--logging.every", str(LOG_EVERY),
-                "--eval.every", "0", "--checkpoint.every", "0", *extra, *args.overrides]  # fmt: skip
+                "--eval.every", "0", "--checkpoint.every", "0", *lora_args(lora, args.lora_lr),
+                *args.overrides]  # fmt: skip
         wall, rss = finetune_process(argv, work / f"{name}.log")
-        lora = None
-        if extra:
-            lora = LoRAConfig(rank=args.rank, alpha=2.0 * args.rank)
-            if "bf16" in name:
-                lora.base_dtype = "bf16"
         print(f"==> {name}: exporting and asking {len(held_out)} held-out prompts", flush=True)
         exported = export(out, work / f"{name}-export")
         acc, _ = accuracy(exported, held_out, name)
         steps = json.loads((out / "finetune_data.json").read_text())["steps"]
         results[name] = {
+            "trainable": num_params(model_cfg) if lora is None else adapter_count(model_cfg, lora),
             "peak_rss_mb": rss / 2**20,
             "state_mb": state_bytes(model_cfg, lora) / 2**20,
             "s_per_step": seconds_per_step(out / "metrics.jsonl"),
@@ -178,11 +187,11 @@ def main(argv: list[str] | None = None) -> dict:
         }
         print(json.dumps({name: results[name]}), flush=True)
     (work / "result.json").write_text(json.dumps(results, indent=2) + "\n")
-    print(table(results, model_cfg, args.rank))
+    print(table(results, args.rank))
     return results
 
 
-def table(results: dict, model_cfg: ModelConfig, rank: int) -> str:
+def table(results: dict, rank: int) -> str:
     lines = [
         f"rank {rank}; {len(results)} modes on the same base and rows",
         "",
@@ -190,10 +199,8 @@ def table(results: dict, model_cfg: ModelConfig, rank: int) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
-        lora = None if name == "full" else LoRAConfig(rank=rank)
-        trainable = num_params(model_cfg) if lora is None else adapter_count(model_cfg, lora)
         lines.append(
-            f"| {name} | {trainable / 1e6:.2f}M | {r['peak_rss_mb']:.0f} MB | "
+            f"| {name} | {r['trainable'] / 1e6:.2f}M | {r['peak_rss_mb']:.0f} MB | "
             f"{r['state_mb']:.1f} MB | {r['s_per_step']:.3f} | {r['checkpoint_mb']:.1f} MB | "
             f"{r['accuracy']:.0%} |"
         )
