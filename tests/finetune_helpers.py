@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from pretrain.config import ModelConfig
-from pretrain.tokenizer import SPECIAL_TOKENS
+from pretrain.tokenizer import train_tokenizer
 
 TEXT = [
     "The quick brown fox jumps over the lazy dog.",
@@ -21,18 +21,7 @@ TEXT = [
 
 def make_tokenizer(path: Path) -> Path:
     """Train a byte-level BPE of ~400 tokens with the project's special tokens; save it at ``path``."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(TEXT * 20, trainer)
+    tok = train_tokenizer(TEXT * 20, vocab_size=400)
     path.parent.mkdir(parents=True, exist_ok=True)
     tok.save(str(path))
     return path
