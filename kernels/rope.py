@@ -38,9 +38,10 @@ def rope_cos_sin(
     """cos and sin of shape (*positions.shape, head_dim // 2), in fp32.
 
     The other keywords go to :func:`rope_inv_freq`. Its ``scaling`` stretches the frequencies to
-    a longer context: ``"linear"`` divides every one by ``factor`` (position interpolation); ``"llama3"`` divides only the low frequencies (waves
-    longer than ``original_max_len / low_freq_factor``), keeps the high ones (shorter than
-    ``original_max_len / high_freq_factor``) and blends in between, as Llama 3.1 does;
+    a longer context: ``"linear"`` divides every one by ``factor`` (position interpolation);
+    ``"llama3"`` divides only the low frequencies (waves longer than ``original_max_len /
+    low_freq_factor``), keeps the high ones (shorter than ``original_max_len /
+    high_freq_factor``) and blends in between, as Llama 3.1 does;
     ``"yarn"`` blends between dimensions that turn ``beta_fast`` and ``beta_slow`` times over
     ``original_max_len``. Both tables are multiplied by ``attention_factor`` (YaRN's scale of the
     attention logits, which q and k each take half of through the rotation).
