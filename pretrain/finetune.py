@@ -95,8 +95,9 @@ def read_init(path: str | os.PathLike) -> InitSource:
         raise UserError(f"--init-from {p} does not exist: give a checkpoint, a run or an export")
     if (p / CONFIG).is_file():
         model = read_export_config(p)
-        tokens = _special_tokens(tokenizer_file(p))
-        return InitSource(p, "export", model, tokenizer_file(p), tokens.chat_template, tokens)
+        tokenizer = tokenizer_file(p)
+        tokens = _special_tokens(tokenizer)
+        return InitSource(p, "export", model, tokenizer, tokens.chat_template, tokens)
     step_dir = find_checkpoint(p)
     config_path = step_dir / "config.toml"
     if not config_path.is_file():

@@ -28,12 +28,17 @@ import torch
 
 from pretrain.config import ModelConfig
 from pretrain.errors import UserError
-from pretrain.tokenizer import CHAT_TEMPLATE, EOS_TOKEN
+from pretrain.tokenizer import (
+    CHAT_TEMPLATE,
+    EOS_TOKEN,
+    GENERATION_CONFIG_FILE,
+    TOKENIZER_CONFIG_FILE,
+)
 
 CONFIG = "config.json"
-GENERATION_CONFIG = "generation_config.json"
+GENERATION_CONFIG = GENERATION_CONFIG_FILE
 TOKENIZER = "tokenizer.json"
-TOKENIZER_CONFIG = "tokenizer_config.json"
+TOKENIZER_CONFIG = TOKENIZER_CONFIG_FILE
 WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
 METADATA_FILES = (CONFIG, GENERATION_CONFIG, TOKENIZER, TOKENIZER_CONFIG)

@@ -19,7 +19,7 @@ from pretrain.errors import UserError
 from pretrain.export import DTYPES, load_model
 from pretrain.hf import CONFIG, GENERATION_CONFIG, TOKENIZER, TOKENIZER_CONFIG, read_json
 from pretrain.model import Transformer
-from pretrain.tokenizer import load_tokenizer
+from pretrain.tokenizer import eos_token_ids, load_tokenizer
 
 DTYPE_CHOICES = ("auto", *DTYPES)
 
@@ -83,10 +83,13 @@ def stop_token_ids(export_dir: str | Path) -> list[int]:
     path = Path(export_dir) / GENERATION_CONFIG
     if not path.is_file() and (Path(export_dir) / CONFIG).is_file():
         path = Path(export_dir) / CONFIG
-    eos = read_json(path).get("eos_token_id")
-    ids = eos if isinstance(eos, list) else [eos]
-    if not ids or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
-        raise UserError(f"{path}: 'eos_token_id' must be a token id or a list of them, got {eos!r}")
+    config = read_json(path)
+    ids = list(eos_token_ids(path, config))
+    if not ids:
+        raise UserError(
+            f"{path}: 'eos_token_id' must be a token id or a list of them, "
+            f"got {config.get('eos_token_id')!r}"
+        )
     return ids
 
 

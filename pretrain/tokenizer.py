@@ -127,7 +127,9 @@ def chat_template_source(model_dir: Path, tok_config: dict) -> str | None:
     return None
 
 
-def _stop_ids(path: Path, gen_config: dict) -> tuple[int, ...]:
+def eos_token_ids(path: Path, gen_config: dict) -> tuple[int, ...]:
+    """The ``eos_token_id`` of a generation config (or a ``config.json``) read from ``path``:
+    one id or a list of them; none when it is absent."""
     value = gen_config.get("eos_token_id")
     ids = value if isinstance(value, list) else [] if value is None else [value]
     if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
@@ -148,7 +150,7 @@ def read_special_tokens(model_dir: str | Path, tokenizer) -> SpecialTokens:
     model_dir = Path(model_dir)
     tok_path, gen_path = model_dir / TOKENIZER_CONFIG_FILE, model_dir / GENERATION_CONFIG_FILE
     tok_config, gen_config = read_json_file(tok_path), read_json_file(gen_path)
-    stop_ids = _stop_ids(gen_path, gen_config)
+    stop_ids = eos_token_ids(gen_path, gen_config)
     eos = token_text(tok_config.get("eos_token"), tok_path, "eos_token")
     if eos is None and stop_ids:
         eos = tokenizer.id_to_token(stop_ids[0])
