@@ -172,7 +172,7 @@ def tied_groups(model: nn.Module) -> list[list[str]]:
     return [names for names in by_id.values() if len(names) > 1]
 
 
-def _retie(model: nn.Module, groups: list[list[str]]) -> None:
+def retie(model: nn.Module, groups: list[list[str]]) -> None:
     """Register the first name's parameter under the others again (``to_empty`` may give each
     name its own new tensor)."""
     for first, *others in groups:
@@ -210,6 +210,6 @@ def materialize(model: Transformer, device: torch.device | str, seed: int) -> Tr
     those of ``Transformer(cfg, init_seed=seed)`` on one process, whatever the sharding."""
     groups = tied_groups(model)
     model.to_empty(device=device)
-    _retie(model, groups)
+    retie(model, groups)
     init_parameters(model, seed)
     return model

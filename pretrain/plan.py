@@ -33,6 +33,7 @@ from kernels.cross_entropy import CHUNK_BYTES
 from pretrain.config import Config, ConfigError, config_help, load_config, parse_overrides
 from pretrain.errors import UserError
 from pretrain.export import DTYPES
+from pretrain.initialize import retie, tied_groups
 from pretrain.metrics import PEAK_BF16_FLOPS
 from pretrain.model import Transformer
 from pretrain.optim import build_optimizer
@@ -725,15 +726,9 @@ def materialize_fake(model: nn.Module) -> nn.Module:
     ``to_empty`` replaces each module's parameters one module at a time, which would part a
     weight two modules share (tied embeddings); the tie is made again afterwards.
     """
-    owners: dict[int, list[tuple[nn.Module, str]]] = {}
-    for module in model.modules():
-        for name, p in module.named_parameters(recurse=False):
-            owners.setdefault(id(p), []).append((module, name))
+    groups = tied_groups(model)
     model.to_empty(device="cpu")
-    for shared in owners.values():
-        (first, first_name), *rest = shared
-        for module, name in rest:
-            setattr(module, name, getattr(first, first_name))
+    retie(model, groups)
     return model
 
 
