@@ -69,14 +69,15 @@ def rope_inv_freq(
 ) -> torch.Tensor:
     """The (head_dim // 2,) fp32 rotation frequencies, scaled as :func:`rope_cos_sin` says."""
     exponents = torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim
-    inv_freq = 1.0 / (theta**exponents)
+    pos_freqs = theta**exponents
+    inv_freq = 1.0 / pos_freqs
     if scaling == "none":
         return inv_freq
     if scaling == "linear":
         return inv_freq / factor
     if scaling == "yarn":
-        return _yarn_inv_freq(inv_freq, head_dim, theta, factor, original_max_len, beta_fast,
-                              beta_slow, truncate)  # fmt: skip
+        return _yarn_inv_freq(inv_freq, pos_freqs, head_dim, theta, factor, original_max_len,
+                              beta_fast, beta_slow, truncate)  # fmt: skip
     if scaling != "llama3":
         raise ValueError(f"unknown RoPE scaling {scaling!r}")
     low_freq_wavelen = original_max_len / low_freq_factor
@@ -91,6 +92,7 @@ def rope_inv_freq(
 
 def _yarn_inv_freq(
     inv_freq: torch.Tensor,
+    pos_freqs: torch.Tensor,
     head_dim: int,
     theta: float,
     factor: float,
@@ -101,7 +103,8 @@ def _yarn_inv_freq(
 ) -> torch.Tensor:
     """YaRN: interpolated (divided by ``factor``) below the dimension that turns ``beta_slow``
     times over the original context, kept above the one that turns ``beta_fast`` times, a linear
-    ramp in between (the formulas of the paper, as transformers computes them)."""
+    ramp in between (the formulas of the paper, as transformers computes them). ``inv_freq`` is
+    ``1 / pos_freqs``, both as :func:`rope_inv_freq` computed them."""
 
     def dim_of(rotations: float) -> float:
         return (head_dim * math.log(original_max_len / (rotations * 2 * math.pi))) / (
@@ -114,10 +117,8 @@ def _yarn_inv_freq(
     low, high = max(low, 0), min(high, head_dim - 1)
     if low == high:
         high += 0.001  # no zero-width ramp
-    ramp = (torch.arange(head_dim // 2, dtype=torch.float32) - low) / (high - low)
-    keep = 1 - ramp.clamp(0, 1).to(inv_freq.device)  # 1: the original frequency
-    exponents = torch.arange(0, head_dim, 2, device=inv_freq.device, dtype=torch.float32) / head_dim
-    pos_freqs = theta**exponents  # inv_freq is 1 / this, computed the same way
+    dims = torch.arange(head_dim // 2, dtype=torch.float32, device=pos_freqs.device)
+    keep = 1 - ((dims - low) / (high - low)).clamp(0, 1)  # 1: the original frequency
     return 1.0 / (factor * pos_freqs) * (1 - keep) + inv_freq * keep
 
 
