@@ -166,6 +166,11 @@ def _as_index(indices: torch.Tensor) -> slice | torch.Tensor:
     return indices
 
 
+def _on(index: slice | torch.Tensor, device: torch.device) -> slice | torch.Tensor:
+    """The index on ``device``: moved once when a layout is cached, not at every step."""
+    return index if isinstance(index, slice) else index.to(device)
+
+
 def _extent(index: slice | torch.Tensor) -> int:
     return index.stop - index.start if isinstance(index, slice) else index.numel()
 
@@ -180,9 +185,10 @@ def _put(whole: torch.Tensor, rows, cols, part: torch.Tensor) -> None:
     if isinstance(rows, slice) and isinstance(cols, slice):
         whole[rows, cols] = part
         return
-    r = torch.arange(rows.start, rows.stop) if isinstance(rows, slice) else rows
-    c = torch.arange(cols.start, cols.stop) if isinstance(cols, slice) else cols
-    whole[r.to(whole.device)[:, None], c.to(whole.device)[None, :]] = part
+    device = whole.device
+    r = torch.arange(rows.start, rows.stop, device=device) if isinstance(rows, slice) else rows
+    c = torch.arange(cols.start, cols.stop, device=device) if isinstance(cols, slice) else cols
+    whole[r.to(device)[:, None], c.to(device)[None, :]] = part
 
 
 class _Split:
@@ -541,8 +547,8 @@ class Muon(torch.optim.Optimizer):
             mine = tuple(_local_indices(p, axis) for axis in (0, 1))
             every: list = [None] * dist.get_world_size(pg)
             dist.all_gather_object(every, mine, group=pg)
-            layout = [tuple(_as_index(torch.tensor(ix, dtype=torch.long)) for ix in rc)
-                      for rc in every]  # fmt: skip
+            layout = [tuple(_on(_as_index(torch.tensor(ix, dtype=torch.long)), p.device)
+                            for ix in rc) for rc in every]  # fmt: skip
             self._layouts[key] = (p.device_mesh, layout)
         return self._layouts[key][1]
 
